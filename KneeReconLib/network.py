@@ -1,0 +1,92 @@
+"""The paper's 3D U-Net (Kasten et al. 2020): two 3x3x3 conv+BN+activation per block,
+max-pool down, upsampling up, concatenated skips, 1x1x1 conv to the classes."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of the 3D U-Net; stored in every checkpoint's card."""
+
+    in_channels: int = 2
+    num_classes: int = 5
+    widths: tuple[int, ...] = (8, 16, 32, 64, 128)
+    activation: str = "relu"  # relu | leaky_relu | prelu
+    upsample: str = "trilinear"  # trilinear | transpose
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "widths" in known:
+            known["widths"] = tuple(int(w) for w in known["widths"])
+        return cls(**known)
+
+
+def _act(name: str, ch: int) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.02, inplace=True)
+    if name == "prelu":
+        return nn.PReLU(ch)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class ConvBlock(nn.Sequential):
+    """Two (3x3x3 conv, batch norm, activation) layers."""
+
+    def __init__(self, cin: int, cout: int, act: str):
+        super().__init__(
+            nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), _act(act, cout),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), _act(act, cout),
+        )
+
+
+class UNet3D(nn.Module):
+    """3D U-Net over len(widths) resolutions. Input sizes must be divisible by 2**(depth-1)."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or UNetConfig()
+        w = config.widths
+        self.down = nn.ModuleList()
+        cin = config.in_channels
+        for ch in w:
+            self.down.append(ConvBlock(cin, ch, config.activation))
+            cin = ch
+        self.pool = nn.MaxPool3d(2)
+        self.up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for lo, hi in zip(reversed(w[:-1]), reversed(w[1:])):
+            if config.upsample == "transpose":
+                self.up.append(nn.ConvTranspose3d(hi, hi, 2, stride=2))
+            else:
+                self.up.append(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False))
+            self.up_blocks.append(ConvBlock(hi + lo, lo, config.activation))
+        self.head = nn.Conv3d(w[0], config.num_classes, 1)
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.config.widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for up, block in zip(self.up, self.up_blocks):
+            x = up(x)
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
