@@ -17,6 +17,9 @@ def atomic_path(path: str):
     suffix = "".join(name.partition(".")[1:]) if "." in name else ""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should be readable like any file
     try:
         yield tmp
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 the file (or an explicit override), bone bright (DICOM MONOCHROME1 is inverted on reading)."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field, replace
 
@@ -55,6 +56,25 @@ def _floats(text: str | None) -> list[float] | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _reader_inverts_monochrome1() -> bool:
+    """Whether this SimpleITK/GDCM already turns MONOCHROME1 pixels into MONOCHROME2 on reading
+    (ITK 5.3 and newer do; older ones do not). Probed once with a two-pixel file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "probe.dcm")
+        im = sitk.GetImageFromArray(np.array([[0, 1000]], np.uint16))
+        im.SetMetaData("0008|0060", "DX")
+        sitk.WriteImage(im, p)
+        with open(p, "rb") as f:
+            raw = f.read()
+        with open(p, "wb") as f:
+            f.write(raw.replace(b"MONOCHROME2 ", b"MONOCHROME1 "))
+        a = sitk.GetArrayFromImage(sitk.ReadImage(p)).ravel()
+    return bool(a[0] > a[1])
+
+
 def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] | None = None,
               sid: float | None = None, sod: float | None = None, side: str = "right") -> XRay:
     """Read one radiograph. `pixel_spacing` (mm, detector) overrides the file's; SID/SOD given
@@ -68,6 +88,7 @@ def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] |
                              f"(or it is corrupt): {str(e).strip().splitlines()[-1][:160]}")
     dicom = _is_dicom(path)
     info: dict = {"file": os.path.abspath(path)}
+    tags = {k: _tag(img, k) for k in ("0018|1164", "0028|0030", "0028|0004", "0018|1110", "0018|1111")}  # slicing drops them
     if img.GetNumberOfComponentsPerPixel() > 1:  # RGB(A) screenshots: luminance
         comps = [sitk.VectorIndexSelectionCast(img, i, sitk.sitkFloat32) for i in range(min(3, img.GetNumberOfComponentsPerPixel()))]
         img = comps[0] * 0.299 + comps[1] * 0.587 + comps[2] * 0.114 if len(comps) == 3 else comps[0]
@@ -94,17 +115,18 @@ def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] |
         info["spacing_source"] = "option"
     elif dicom:
         for key, name in (("0018|1164", "Imager Pixel Spacing"), ("0028|0030", "Pixel Spacing")):
-            v = _floats(_tag(img, key))
+            v = _floats(tags[key])
             if v and len(v) >= 2 and min(v) > 0:
                 spacing = (v[1], v[0])  # DICOM stores row spacing first
                 info["spacing_source"] = f"DICOM {name}"
                 break
-        photometric = _tag(img, "0028|0004")
+        photometric = tags["0028|0004"]
         if photometric and photometric.upper().startswith("MONOCHROME1"):
-            px = px.max() + px.min() - px  # MONOCHROME1: bright = low attenuation; invert
             info["inverted"] = "MONOCHROME1"
+            if not _reader_inverts_monochrome1():  # MONOCHROME1: bright = low attenuation; invert
+                px = px.max() + px.min() - px
         if sid is None and sod is None:
-            dsd, dsp = _floats(_tag(img, "0018|1110")), _floats(_tag(img, "0018|1111"))
+            dsd, dsp = _floats(tags["0018|1110"]), _floats(tags["0018|1111"])
             if dsd and dsp and 0 < dsp[0] < dsd[0]:
                 sid, sod = dsd[0], dsp[0]
                 info["geometry_source"] = "DICOM Distance Source to Detector/Patient"

@@ -1,0 +1,229 @@
+"""`kneerecon` command line: reconstruct, phantom, drr, cache, train, evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import KneeReconError
+
+DISCLAIMER = "Research tool, not a medical device."
+
+
+def _progress_printer(prefix: str = ""):
+    last = {"t": time.perf_counter()}
+
+    def show(frac: float, msg: str) -> None:
+        bar = "#" * int(frac * 20)
+        sys.stderr.write(f"\r{prefix}[{bar:<20}] {frac * 100:3.0f}%  {msg:<40}")
+        if frac >= 1.0:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+        last["t"] = time.perf_counter()
+    return show
+
+
+def cmd_reconstruct(a) -> int:
+    from .inference import reconstruct
+    from .outputs import check_output_folder, write_outputs
+
+    check_output_folder(a.output, a.force)  # fail before any work
+    t0 = time.perf_counter()
+    rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
+                      model=a.model, device=a.device, progress=_progress_printer())
+    report = write_outputs(rec, a.output, a.force)
+    total = time.perf_counter() - t0
+    vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())
+    print(f"wrote {a.output}: labels.nii.gz, segmentation.seg.nrrd, 4 STL surfaces, report.json, overlay.png")
+    print(f"bone volumes: {vols}")
+    print(f"time: {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in report['timings_s'].items())})")
+    for n in report["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
+def cmd_phantom(a) -> int:
+    from .phantom import PhantomConfig, generate_phantom, write_phantom
+
+    cfg = PhantomConfig(voxel_mm=a.voxel, side=a.side)
+    for i in range(a.count):
+        seed = a.seed + i
+        ph = generate_phantom(seed, cfg)
+        ct, lab = write_phantom(ph, a.output, f"knee_{seed:07d}")
+        with open(os.path.join(a.output, f"knee_{seed:07d}_params.json"), "w") as f:
+            json.dump(ph.params, f, indent=1)
+        print(f"{ct}  ({ph.params['side']} knee, flexion {ph.params['flexion_deg']:.1f} deg)")
+    return 0
+
+
+def cmd_drr(a) -> int:
+    import SimpleITK as sitk
+
+    from .dataset import _read, _read_labelmap, labels_on_grid, parse_label_map
+    from .drr import DRRConfig, render_drr
+    from .fileio import atomic_write_image
+    from .frame import to_knee_frame
+    from .geometry import ReconGrid
+    from .xray_io import write_xray
+
+    ct = _read(a.ct, "CT")
+    lab = _read_labelmap(a.labels, parse_label_map(a.label_map)) if a.labels else None
+    ct_k, lab_k = to_knee_frame(ct, lab, voxel_mm=a.voxel)
+    if (a.sid is None) != (a.sod is None):
+        raise KneeReconError("give both --sid and --sod for a cone beam, or neither for a parallel beam")
+    views = render_drr(ct_k, DRRConfig(pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod, side=a.side), device=a.device)
+    os.makedirs(a.output, exist_ok=True)
+    for v, (img, geom) in views.items():
+        write_xray(img, geom, os.path.join(a.output, f"{v}.nrrd"))
+    if lab_k is not None:
+        grid = ReconGrid.from_views(views["ap"][1], views["lateral"][1], a.grid_size)
+        atomic_write_image(grid.to_image(labels_on_grid(lab_k, grid)), os.path.join(a.output, "truth.nii.gz"))
+        atomic_write_image(lab_k, os.path.join(a.output, "truth_fullres.nii.gz"))
+    print(f"wrote {a.output}/ap.nrrd and lateral.nrrd" + (" and truth.nii.gz" if lab_k is not None else ""))
+    return 0
+
+
+def cmd_cache(a) -> int:
+    from .dataset import build_phantom_cache, find_ct_pairs, parse_label_map, save_case, user_case
+
+    if a.user_data:
+        lm = parse_label_map(a.label_map)
+        os.makedirs(a.output, exist_ok=True)
+        for ct, lab in find_ct_pairs(a.user_data):
+            p = os.path.join(a.output, os.path.basename(ct).split(".")[0] + ".npz")
+            if not os.path.exists(p):
+                save_case(user_case(ct, lab, a.grid_size, label_map=lm), p)
+                print(f"cached {p}")
+    else:
+        build_phantom_cache(a.output, range(a.seed, a.seed + a.count), a.grid_size)
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .network import UNetConfig
+    from .train import TrainConfig, train
+
+    arch = UNetConfig(widths=tuple(int(w) for w in a.widths.split(","))).to_dict()
+    cfg = TrainConfig(data=a.data, phantoms_on_the_fly=a.phantoms_on_the_fly, val_data=a.val_data or [], out=a.output,
+                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, crop=None if a.crop == 0 else (a.crop,) * 3,
+                      ngcc_lambda=a.ngcc_lambda, architecture=arch, device=a.device, amp=not a.no_amp,
+                      workers=a.workers, seed=a.seed, val_every=a.val_every, ckpt_every=a.ckpt_every)
+    if a.crop_z:
+        cfg.crop = (a.crop_z, cfg.grid_size, cfg.grid_size)
+    if not a.data and not a.phantoms_on_the_fly:
+        raise KneeReconError("give --data FOLDER (cached cases, see `kneerecon cache`) or --phantoms-on-the-fly")
+    path = train(cfg, resume=a.resume, log=lambda m: print(m, flush=True))
+    print(f"model written to {path}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate_model, print_table
+
+    res = evaluate_model(a.model, a.data, device=a.device, out_dir=a.output, phantoms=a.phantoms, seed0=a.seed)
+    print_table(res)
+    if a.output:
+        print(f"per-case and summary results in {a.output}/ (evaluation.csv, evaluation.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kneerecon", description=f"3D knee bones from two X-rays. {DISCLAIMER}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reconstruct", help="reconstruct femur, patella, tibia and fibula from an AP and a lateral X-ray",
+                       description="Reconstruct the knee bones in 3D from one AP and one lateral radiograph of the same "
+                       "knee. Writes labels.nii.gz, segmentation.seg.nrrd (Slicer), one STL per bone, report.json and "
+                       f"overlay.png (the bones outlined on both X-rays: check it). {DISCLAIMER}")
+    r.add_argument("--ap", required=True, help="antero-posterior X-ray (DICOM, NRRD, MHA, NIfTI, PNG, TIFF, JPEG)")
+    r.add_argument("--lateral", required=True, help="lateral X-ray of the same knee")
+    r.add_argument("--output", required=True, help="output folder (refused if it exists, unless --force)")
+    r.add_argument("--side", choices=["left", "right"], help="which knee; needed for cone-beam geometry")
+    r.add_argument("--pixel-spacing", type=float, metavar="MM",
+                   help="detector pixel size in mm; required for PNG/JPEG/TIFF, overrides the file's spacing")
+    r.add_argument("--sid", type=float, metavar="MM", help="source-to-image distance, for cone-beam geometry")
+    r.add_argument("--sod", type=float, metavar="MM", help="source-to-isocentre (object) distance, with --sid")
+    r.add_argument("--model", help="model file (default: the bundled model)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    r.add_argument("--force", action="store_true", help="replace an existing output folder")
+    r.set_defaults(func=cmd_reconstruct)
+
+    ph = sub.add_parser("phantom", help="generate labelled knee CT phantoms")
+    ph.add_argument("--count", type=int, default=1)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--output", required=True)
+    ph.add_argument("--side", choices=["left", "right", "random"], default="random")
+    ph.add_argument("--voxel", type=float, default=1.0, help="voxel size in mm (0.5-1)")
+    ph.set_defaults(func=cmd_phantom)
+
+    d = sub.add_parser("drr", help="render AP and lateral DRRs of a CT (written like real X-ray files)")
+    d.add_argument("--ct", required=True)
+    d.add_argument("--labels", help="label map of the CT: also writes truth.nii.gz on the reconstruction grid")
+    d.add_argument("--label-map", help="label mapping 'src:dst,...' or JSON file (e.g. for TotalSegmentator labels)")
+    d.add_argument("--output", required=True)
+    d.add_argument("--pixel-spacing", type=float)
+    d.add_argument("--sid", type=float)
+    d.add_argument("--sod", type=float)
+    d.add_argument("--side", choices=["left", "right"], default="right")
+    d.add_argument("--voxel", type=float, help="resample the CT to this voxel size (mm) first")
+    d.add_argument("--grid-size", type=int, default=128)
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=cmd_drr)
+
+    c = sub.add_parser("cache", help="build cached training cases from phantoms or a labelled-CT folder")
+    c.add_argument("--output", required=True)
+    c.add_argument("--count", type=int, default=100)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--user-data", help="folder of <name>_ct.nii.gz + <name>_labels.nii.gz")
+    c.add_argument("--label-map")
+    c.add_argument("--grid-size", type=int, default=128)
+    c.set_defaults(func=cmd_cache)
+
+    t = sub.add_parser("train", help="train the reconstruction network")
+    t.add_argument("--data", nargs="*", default=[], help="folders of cached cases")
+    t.add_argument("--phantoms-on-the-fly", action="store_true")
+    t.add_argument("--val-data", nargs="*")
+    t.add_argument("--output", required=True)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch-size", type=int, default=2)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--crop", type=int, default=64, help="cubic random crop size (0 = full grid)")
+    t.add_argument("--crop-z", type=int, help="crop slabs of this height spanning full x and y (enables NGCC)")
+    t.add_argument("--ngcc-lambda", type=float, default=0.0)
+    t.add_argument("--widths", default="8,16,32,64,128")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--no-amp", action="store_true")
+    t.add_argument("--workers", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-every", type=int, default=250)
+    t.add_argument("--ckpt-every", type=int, default=100)
+    t.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="Dice and surface distances per bone, in the paper's table format")
+    e.add_argument("--model", help="model file (default: the bundled model)")
+    e.add_argument("--data", nargs="*", default=[], help="folders of cached cases (.npz)")
+    e.add_argument("--phantoms", type=int, default=0, help="also evaluate on N fresh phantoms")
+    e.add_argument("--seed", type=int, default=1_000_000, help="first seed of --phantoms (test range)")
+    e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KneeReconError as e:
+        sys.stderr.write(f"\nkneerecon: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("\nkneerecon: interrupted; no partial output was kept\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

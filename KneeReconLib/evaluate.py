@@ -1,0 +1,119 @@
+"""`kneerecon evaluate`: the paper's metrics on a test set, printed beside the paper's numbers.
+
+Dice per class (background included) on the reconstruction grid after the same clean-up as
+`reconstruct`; Chamfer (symmetric mean nearest-point distance), ASSD and HD95 in mm between
+marching-cubes surfaces of prediction and truth; time per case (back-projection + network +
+clean-up)."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import time
+
+import numpy as np
+
+from .dataset import TEST_SEED0, load_case, make_sample, phantom_case
+from .errors import KneeReconError
+from .inference import Reconstructor
+from .labels import BONE_NAMES, BONES
+from .metrics import dice_per_class, surface_distances
+from .surfaces import clean_labels
+
+# Kasten et al. 2020, DRR test set (20 CTs); SSR-KD 2025 (best published knee result).
+PAPER = {
+    "kasten2020_drr": {"dice": {"background": 0.986, "femur": 0.943, "patella": 0.894, "tibia": 0.945, "fibula": 0.848},
+                       "chamfer": {"femur": 1.075, "patella": 1.709, "tibia": 1.175, "fibula": 1.218}},
+    "ssr_kd2025": {"dice": {"femur": 0.961, "patella": 0.875, "tibia": 0.960, "fibula": 0.841},
+                   "assd": {"femur": 0.80, "patella": 1.12, "tibia": 0.77, "fibula": 1.05}},
+}
+
+
+def _cases(data: list[str], phantoms: int, seed0: int):
+    for folder in data:
+        paths = sorted(glob.glob(os.path.join(folder, "*.npz")))
+        if not paths:
+            raise KneeReconError(f"no cached cases (*.npz) in {folder!r}")
+        for p in paths:
+            yield os.path.basename(p), load_case(p)
+    for s in range(seed0, seed0 + phantoms):
+        yield f"phantom_{s}", phantom_case(s)
+
+
+def evaluate_case(rec: Reconstructor, case) -> dict:
+    x, truth = make_sample(case)
+    t0 = time.perf_counter()
+    pred = clean_labels(rec.predict(x))
+    dt = time.perf_counter() - t0
+    grid = case.grid()
+    d = dice_per_class(pred, truth)
+    row = {"time_s": dt, "dice_background": float(d[0])}
+    for b in BONES:
+        row[f"dice_{b.name}"] = float(d[b.value])
+        sd = surface_distances(pred == b.value, truth == b.value, grid.spacing[::-1])
+        for k, v in sd.items():
+            row[f"{k}_{b.name}"] = v
+    row["side"] = case.meta.get("side")
+    row["flexion_deg"] = case.meta.get("flexion_deg")
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if k not in ("case", "side", "flexion_deg")]
+    out = {}
+    for k in keys:
+        v = np.array([r[k] for r in rows], float)
+        out[k] = {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v)), "min": float(np.nanmin(v)), "max": float(np.nanmax(v))}
+    for m in ("dice", "chamfer", "assd", "hd95"):
+        out[f"{m}_bones_avg"] = {"mean": float(np.mean([out[f"{m}_{b}"]["mean"] for b in BONE_NAMES]))}
+    return out
+
+
+def evaluate_model(model: str | None, data: list[str], device: str = "cpu", out_dir: str | None = None,
+                   phantoms: int = 0, seed0: int = TEST_SEED0, log=print) -> dict:
+    if not data and not phantoms:
+        raise KneeReconError("nothing to evaluate: give --data FOLDER and/or --phantoms N")
+    rec = Reconstructor(model, device)
+    rows = []
+    for name, case in _cases(data, phantoms, seed0):
+        row = {"case": name, **evaluate_case(rec, case)}
+        rows.append(row)
+        log(f"{name}: " + " ".join(f"{b[:3]} {row[f'dice_{b}']:.3f}/{row[f'chamfer_{b}']:.2f}mm" for b in BONE_NAMES))
+    res = {"model": rec.model_path, "model_card_name": rec.card.get("name"), "n_cases": len(rows),
+           "summary": summarize(rows), "cases": rows, "paper": PAPER}
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "evaluation.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        with open(os.path.join(out_dir, "evaluation.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def format_table(res: dict) -> str:
+    s = res["summary"]
+    names = ["background"] + list(BONE_NAMES)
+    head = f"{'':22s}" + "".join(f"{n:>11s}" for n in names) + f"{'bones avg':>11s}"
+    lines = [f"KneeRecon evaluation on {res['n_cases']} cases (mean over cases)", head]
+
+    def row(label, vals):
+        return f"{label:22s}" + "".join(f"{v:>11s}" for v in vals)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines.append(row("Dice (ours)", [fmt(s[f"dice_{n}"]["mean"]) for n in names] + [fmt(s["dice_bones_avg"]["mean"])]))
+    lines.append(row("Dice (Kasten 2020)", [fmt(PAPER["kasten2020_drr"]["dice"].get(n)) for n in names] + ["0.907"]))
+    lines.append(row("Dice (SSR-KD 2025)", [fmt(PAPER["ssr_kd2025"]["dice"].get(n)) for n in names] + ["-"]))
+    for m, label in (("chamfer", "Chamfer mm"), ("assd", "ASSD mm"), ("hd95", "HD95 mm")):
+        lines.append(row(f"{label} (ours)", ["-"] + [fmt(s[f"{m}_{n}"]["mean"]) for n in BONE_NAMES] + [fmt(s[f"{m}_bones_avg"]["mean"])]))
+        if m == "chamfer":
+            lines.append(row("Chamfer mm (Kasten)", ["-"] + [fmt(PAPER["kasten2020_drr"]["chamfer"][n]) for n in BONE_NAMES] + ["1.294"]))
+        if m == "assd":
+            lines.append(row("ASSD mm (SSR-KD)", ["-"] + [fmt(PAPER["ssr_kd2025"]["assd"][n]) for n in BONE_NAMES] + ["-"]))
+    lines.append(f"time per case: {s['time_s']['mean']:.2f} s (network + clean-up)")
+    return "\n".join(lines)
+
+
+def print_table(res: dict) -> None:
+    print(format_table(res))

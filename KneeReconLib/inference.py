@@ -1,0 +1,145 @@
+"""The reconstruction path: two X-ray files (or arrays) -> label map in LPS + bone surfaces."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .backprojection import backproject
+from .checkpoint import load_model
+from .errors import KneeReconError
+from .geometry import ReconGrid
+from .labels import BONES
+from .preprocessing import normalize_intensity
+from .surfaces import bone_surface, clean_labels
+from .xray_io import XRay, read_xray, with_side
+
+RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Resources")
+DEFAULT_MODEL = os.path.normpath(os.path.join(RESOURCES, "Models", "kneerecon_unet.pt"))
+
+
+class Cancelled(Exception):
+    """Raised when the caller's cancel callback asks to stop."""
+
+
+@dataclass
+class Reconstruction:
+    labels: sitk.Image  # uint8 on the reconstruction grid, LPS, true geometry
+    grid: ReconGrid
+    surfaces: dict  # bone name -> vtkPolyData (LPS mm)
+    volumes_ml: dict
+    timings_s: dict
+    card: dict
+    ap: XRay
+    lateral: XRay
+    side: str
+    device: str = "cpu"
+    notes: list = field(default_factory=list)
+
+    def labels_array(self) -> np.ndarray:
+        return sitk.GetArrayFromImage(self.labels)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KneeReconError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise KneeReconError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
+
+
+class Reconstructor:
+    """Holds a loaded model; `run` reconstructs one X-ray pair."""
+
+    def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True):
+        self.model_path = os.path.abspath(model_path or DEFAULT_MODEL)
+        if model_path is None and not os.path.exists(self.model_path):
+            raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
+        self.device = pick_device(device)
+        self.net, self.card = load_model(self.model_path, self.device)
+        self.amp = amp
+        if self.device == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last_3d)
+
+    def predict(self, volume: np.ndarray) -> np.ndarray:
+        """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
+        x = torch.from_numpy(volume)[None].to(self.device)
+        if self.device == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        dt = torch.bfloat16 if self.device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=dt, enabled=self.amp):
+            return self.net(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+    def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
+            surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
+            cancel: Callable[[], bool] | None = None) -> Reconstruction:
+        progress = progress or (lambda f, m: None)
+        t = {}
+        side = side or ap.geometry.side
+        if side not in ("left", "right"):
+            raise KneeReconError(f"side must be 'left' or 'right', got {side!r}")
+        ap, lateral = with_side(ap, side), with_side(lateral, side)
+
+        def check(frac, msg):
+            if cancel is not None and cancel():
+                raise Cancelled("reconstruction cancelled")
+            progress(frac, msg)
+
+        check(0.05, "back-projecting the X-rays")
+        t0 = time.perf_counter()
+        size = int(grid_size or self.card.get("grid_size", 128))
+        div = self.net.divisor
+        if size % div:
+            raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
+        grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
+        vol = backproject(XRay(normalize_intensity(ap.pixels), ap.geometry),
+                          XRay(normalize_intensity(lateral.pixels), lateral.geometry), grid)
+        t["backprojection"] = time.perf_counter() - t0
+        check(0.2, "running the network")
+        t0 = time.perf_counter()
+        raw = self.predict(vol)
+        t["network"] = time.perf_counter() - t0
+        check(0.6, "cleaning the label map")
+        t0 = time.perf_counter()
+        lab = clean_labels(raw)
+        t["postprocess"] = time.perf_counter() - t0
+        vox_ml = float(np.prod(grid.spacing)) / 1000.0
+        volumes = {b.name: float((lab == b.value).sum() * vox_ml) for b in BONES}
+        notes = [f"no {n} found in the reconstruction" for n, v in volumes.items() if v == 0]
+        surf = {}
+        if surfaces:
+            t0 = time.perf_counter()
+            for i, b in enumerate(BONES):
+                check(0.65 + 0.3 * i / len(BONES), f"building the {b.name} surface")
+                surf[b.name] = bone_surface(lab == b.value, grid)
+            t["surfaces"] = time.perf_counter() - t0
+        progress(1.0, "done")
+        return Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, ap, lateral, side, self.device, notes)
+
+
+def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
+                sod: float | None = None, model: str | None = None, device: str = "cpu",
+                progress=None, cancel=None, surfaces: bool = True) -> Reconstruction:
+    """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
+    t0 = time.perf_counter()
+    side_ = side or "right"
+    if isinstance(ap, (str, os.PathLike)):
+        ap = read_xray(os.fspath(ap), "ap", pixel_spacing, sid, sod, side_)
+    if isinstance(lateral, (str, os.PathLike)):
+        lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rec = Reconstructor(model, device)
+    t_load = time.perf_counter() - t0
+    out = rec.run(ap, lateral, side, surfaces=surfaces, progress=progress, cancel=cancel)
+    out.timings_s = {"read": t_read, "load_model": t_load, **out.timings_s}
+    if side is None:
+        out.notes.append("side not given: assumed right (it only matters for cone-beam geometry)")
+    return out

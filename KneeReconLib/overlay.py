@@ -1,0 +1,68 @@
+"""Review picture: the reconstructed bones projected back onto both input X-rays as outlines."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
+
+from .geometry import ReconGrid, ViewGeometry
+from .labels import BONES
+from .preprocessing import normalize_intensity
+
+
+def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.ndarray:
+    """Silhouette of a 3D mask on `view`'s detector pixels (works for parallel and cone beam):
+    voxel centres are projected by the contract's geometry, then gaps are closed."""
+    out = np.zeros((view.height, view.width), bool)
+    k, j, i = np.nonzero(mask)
+    if len(k) == 0:
+        return out
+    x, y, z = grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1], grid.origin[2] + k * grid.spacing[2]
+    # splat the voxel's footprint: corners of a half-voxel cross, enough for pixel-level silhouettes
+    iso = view.iso_spacing
+    a = 0 if view.view == "ap" else 1
+    reach = max(grid.spacing[a] / iso[0], grid.spacing[2] / iso[1])
+    offs = np.linspace(-0.5, 0.5, max(2, int(np.ceil(reach)) + 1))
+    for du in offs:
+        for dz in offs:
+            dx = du * grid.spacing[0] if a == 0 else 0.0
+            dy = du * grid.spacing[1] if a == 1 else 0.0
+            c, r = view.project(x + dx, y + dy, z + dz * grid.spacing[2])
+            c, r = np.rint(c).astype(int), np.rint(r).astype(int)
+            ok = (c >= 0) & (c < view.width) & (r >= 0) & (r < view.height)
+            out[r[ok], c[ok]] = True
+    return ndimage.binary_fill_holes(ndimage.binary_closing(out, iterations=1))
+
+
+def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: ViewGeometry, thickness: int = 1) -> np.ndarray:
+    """RGB uint8 image of the X-ray with each bone's projected outline in its colour."""
+    gray = (np.clip(normalize_intensity(pixels), 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    for b in BONES:
+        sil = project_mask(labels == b.value, grid, view)
+        edge = find_boundaries(sil, mode="inner")
+        if thickness > 1:
+            edge = ndimage.binary_dilation(edge, iterations=thickness - 1)
+        rgb[edge] = (np.array(b.color) * 255).astype(np.uint8)
+    return rgb
+
+
+def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: str, height: int = 512) -> None:
+    """Both views side by side with outlines, scaled to `height` pixels, written to `path`."""
+    from PIL import Image
+
+    from .fileio import atomic_path
+
+    panels = []
+    for px, v in ((ap_pixels, ap_view), (lat_pixels, lat_view)):
+        rgb = overlay_rgb(px, labels, grid, v, thickness=max(1, int(round(max(v.height, v.width) / 400))))
+        aspect = (v.width * v.iso_spacing[0]) / (v.height * v.iso_spacing[1])
+        panels.append(Image.fromarray(rgb).resize((max(1, int(round(height * aspect))), height), Image.BILINEAR))
+    w = sum(p.width for p in panels) + 8
+    canvas = Image.new("RGB", (w, height), (0, 0, 0))
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width + 8
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from KneeReconLib.losses import ngcc, ngcc_loss, surface_weights, weighted_cross_entropy
+from KneeReconLib.metrics import dice_per_class, surface_distances
+
+
+def _sphere(n, r, c):
+    zz, yy, xx = np.mgrid[0:n, 0:n, 0:n]
+    return ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) < r * r
+
+
+def test_surface_weights_peak_at_surfaces():
+    lab = _sphere(32, 8, (16, 16, 16)).astype(np.uint8)
+    w = surface_weights(lab, (1.0, 1.0, 1.0), w0=5.0, sigma_mm=2.0)
+    assert w[16, 16, 16 + 8] > 5.0 and w[16, 16, 16] == pytest.approx(1.0, abs=0.02)  # 7 mm from the surface
+    assert w[0, 0, 0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_weighted_ce_and_ngcc():
+    y = torch.randint(0, 5, (1, 8, 8, 8))
+    good = torch.nn.functional.one_hot(y, 5).permute(0, 4, 1, 2, 3).float() * 10
+    w = torch.ones(1, 8, 8, 8)
+    assert weighted_cross_entropy(good, y, w) < weighted_cross_entropy(torch.zeros_like(good), y, w)
+    img = torch.rand(2, 16, 16)
+    assert torch.allclose(ngcc(img, img * 3 + 1), torch.ones(2), atol=1e-5)
+    assert ngcc(img, -img).mean() < -0.99
+    # NGCC loss is low when the predicted bone projects onto the X-ray, high when it does not
+    bone = torch.zeros(1, 16, 16, 16)
+    bone[:, 4:12, 5:10, 6:11] = 1
+    ap = bone.sum(2)  # [1, z, x], grid orientation
+    lat = bone.sum(3)
+    x = torch.stack([ap[:, :, None, :].expand(1, 16, 16, 16), lat[:, :, :, None].expand(1, 16, 16, 16)], 1)
+    logits = torch.stack([-8 * bone, 8 * bone, 0 * bone, 0 * bone, 0 * bone], 1) - 4
+    wrong = torch.roll(logits, 5, dims=4)
+    assert ngcc_loss(logits, x, (1, 1, 1)) < 0.3 < ngcc_loss(wrong, x, (1, 1, 1))
+
+
+def test_dice_and_surface_distance_on_known_shapes():
+    a = _sphere(48, 12, (24, 24, 24))
+    b = _sphere(48, 12, (26, 24, 24))  # shifted by 2 voxels along x
+    d = dice_per_class(a.astype(int), a.astype(int), 2)
+    assert d[1] == 1.0
+    sd = surface_distances(a, a, (1.0, 1.0, 1.0))
+    assert sd["chamfer"] < 1e-6
+    sd2 = surface_distances(a, b, (0.5, 0.5, 0.5))  # 2 voxels = 1 mm shift
+    assert 0.4 < sd2["chamfer"] < 1.0 and 0.9 < sd2["hd95"] < 1.2

@@ -1,0 +1,58 @@
+import numpy as np
+import SimpleITK as sitk
+
+from conftest import centroid
+from KneeReconLib.labels import BY_NAME
+from KneeReconLib.phantom import PhantomConfig, generate_phantom
+
+
+def _check_anatomy(ph):
+    lab = sitk.GetArrayFromImage(ph.labels)
+    sp, org = ph.labels.GetSpacing(), ph.labels.GetOrigin()
+    vox_ml = np.prod(sp) / 1000
+    vols = {n: (lab == BY_NAME[n].value).sum() * vox_ml for n in BY_NAME}
+    # adult knee, within a 13-25 cm field of view
+    assert 60 < vols["femur"] < 320, vols
+    assert 60 < vols["tibia"] < 320, vols
+    assert 8 < vols["patella"] < 45, vols
+    assert 4 < vols["fibula"] < 45, vols
+    for n in BY_NAME:  # exactly one connected component per bone
+        cc = sitk.ConnectedComponent(sitk.GetImageFromArray((lab == BY_NAME[n].value).astype(np.uint8)))
+        assert sitk.GetArrayViewFromImage(cc).max() == 1, n
+    c = {n: centroid(lab == BY_NAME[n].value, sp, org) for n in BY_NAME}
+    assert c["patella"][1] < c["femur"][1] - 15  # patella anterior (-y) of the femur
+    assert c["femur"][2] > c["tibia"][2] + 40  # femur above tibia
+    lateral_sign = 1 if ph.params["side"] == "left" else -1  # left knee: lateral is +x (patient's left)
+    assert lateral_sign * (c["fibula"][0] - c["tibia"][0]) > 10
+    ct = sitk.GetArrayFromImage(ph.ct)
+    # cortical shell denser than the cancellous interior; soft tissue and air present
+    bone = lab > 0
+    from scipy.ndimage import binary_erosion
+    inner = binary_erosion(bone, iterations=4)
+    shell = bone & ~binary_erosion(bone, iterations=1)
+    assert np.median(ct[shell]) > np.median(ct[inner]) + 300
+    assert (ct < -900).any() and (np.abs(ct[~bone] - 40) < 30).mean() > 0.2
+
+
+def test_right_and_left_knee_anatomy(phantom_right, phantom_left):
+    assert phantom_right.params["side"] == "right" and phantom_left.params["side"] == "left"
+    _check_anatomy(phantom_right)
+    _check_anatomy(phantom_left)
+
+
+def test_phantoms_vary_and_are_deterministic():
+    cfg = PhantomConfig(voxel_mm=1.0)
+    a, b = generate_phantom(5, cfg), generate_phantom(5, cfg)
+    assert a.params == b.params
+    assert np.array_equal(sitk.GetArrayViewFromImage(a.ct), sitk.GetArrayViewFromImage(b.ct))
+    c = generate_phantom(6, cfg)
+    assert c.params["scale"] != a.params["scale"]
+    _check_anatomy(generate_phantom(7, PhantomConfig(flexion_deg=(28.0, 30.0))))
+
+
+def test_geometry_is_lps_and_centred(phantom_right):
+    img = phantom_right.ct
+    assert img.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    centre = img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in img.GetSize()])
+    assert np.allclose(centre, 0, atol=1e-3)
+    assert 0.5 <= img.GetSpacing()[0] <= 1.0
