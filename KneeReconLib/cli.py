@@ -109,18 +109,27 @@ def cmd_train(a) -> int:
     cfg = TrainConfig(data=a.data, phantoms_on_the_fly=a.phantoms_on_the_fly, val_data=a.val_data or [], out=a.output,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, crop=None if a.crop == 0 else (a.crop,) * 3,
                       ngcc_lambda=a.ngcc_lambda, architecture=arch, device=a.device, amp=not a.no_amp,
-                      workers=a.workers, seed=a.seed, val_every=a.val_every, ckpt_every=a.ckpt_every)
+                      workers=a.workers, seed=a.seed, val_every=a.val_every, ckpt_every=a.ckpt_every,
+                      grid_size=a.grid_size, threads=a.threads, log_every=a.log_every)
     if a.crop_z:
         cfg.crop = (a.crop_z, cfg.grid_size, cfg.grid_size)
     if not a.data and not a.phantoms_on_the_fly:
         raise KneeReconError("give --data FOLDER (cached cases, see `kneerecon cache`) or --phantoms-on-the-fly")
-    path = train(cfg, resume=a.resume, log=lambda m: print(m, flush=True))
-    print(f"model written to {path}")
+    path = train(cfg, resume=a.resume, log=lambda m: print(m, flush=True), stop_at=a.stop_at)
+    print(f"{'checkpoint' if a.stop_at and a.stop_at < a.steps else 'model'} written to {path}")
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import evaluate_model, print_table
+    from .evaluate import evaluate_files, evaluate_model, print_table
+
+    if a.case_dirs:
+        rows = evaluate_files(a.model, a.case_dirs, device=a.device)
+        if a.output:
+            from .fileio import atomic_write_json
+            atomic_write_json(rows, os.path.join(a.output, "evaluation_files.json"))
+        if not a.data and not a.phantoms:
+            return 0
 
     res = evaluate_model(a.model, a.data, device=a.device, out_dir=a.output, phantoms=a.phantoms, seed0=a.seed)
     print_table(res)
@@ -200,12 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=250)
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint.pt")
+    t.add_argument("--stop-at", type=int, help="end this run at this step (a resumable chunk)")
+    t.add_argument("--grid-size", type=int, default=128, help="grid of the cached cases")
+    t.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
+    t.add_argument("--log-every", type=int, default=10)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="Dice and surface distances per bone, in the paper's table format")
     e.add_argument("--model", help="model file (default: the bundled model)")
     e.add_argument("--data", nargs="*", default=[], help="folders of cached cases (.npz)")
     e.add_argument("--phantoms", type=int, default=0, help="also evaluate on N fresh phantoms")
+    e.add_argument("--case-dirs", nargs="*", default=[],
+                   help="folders with ap.*, lateral.*, truth.nii.gz (+ meta.json): reconstruct the files and compare "
+                   "with the truth by physical coordinates (e.g. ../shared/contract-check/knee_a)")
     e.add_argument("--seed", type=int, default=1_000_000, help="first seed of --phantoms (test range)")
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")

@@ -117,3 +117,41 @@ def format_table(res: dict) -> str:
 
 def print_table(res: dict) -> None:
     print(format_table(res))
+
+
+def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print) -> list[dict]:
+    """Reconstruct X-ray files and compare with a 3D truth by physical coordinates.
+
+    Each folder holds ap.<ext>, lateral.<ext>, truth.nii.gz and optionally meta.json (side).
+    The prediction is resampled onto the truth's grid with an identity transform (nearest
+    neighbour): a mirrored or shifted frame cannot score well."""
+    import SimpleITK as sitk
+
+    from .inference import reconstruct
+
+    rows = []
+    for d in case_dirs:
+        def find(stem):
+            hits = sorted(glob.glob(os.path.join(d, stem + ".*")))
+            if not hits:
+                raise KneeReconError(f"{d!r} has no {stem}.* file")
+            return hits[0]
+        side = None
+        if os.path.exists(os.path.join(d, "meta.json")):
+            side = json.load(open(os.path.join(d, "meta.json"))).get("side")
+        t0 = time.perf_counter()
+        rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False)
+        dt = time.perf_counter() - t0
+        truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
+        pred = sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        p, t = sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth)
+        dice = dice_per_class(p, t)
+        row = {"case": os.path.basename(os.path.normpath(d)), "side": side, "time_s": dt}
+        for b in BONES:
+            row[f"dice_{b.name}"] = float(dice[b.value])
+            sd = surface_distances(p == b.value, t == b.value, truth.GetSpacing()[::-1])
+            row[f"chamfer_{b.name}"] = sd["chamfer"]
+            row[f"assd_{b.name}"] = sd["assd"]
+        rows.append(row)
+        log(f"{row['case']} ({side}): " + " ".join(f"{b[:3]} {row[f'dice_{b}']:.3f}/{row[f'chamfer_{b}']:.2f}mm" for b in BONE_NAMES))
+    return rows

@@ -46,9 +46,9 @@ def bone_surface(mask: np.ndarray, grid: ReconGrid, smoothing_iterations: int = 
     vp = vtk.vtkPoints()
     vp.SetData(numpy_support.numpy_to_vtk(pts.astype(np.float64), deep=True))
     poly.SetPoints(vp)
-    cells = np.hstack([np.full((len(faces), 1), 3, np.int64), faces.astype(np.int64)]).ravel()
     ca = vtk.vtkCellArray()
-    ca.SetCells(len(faces), numpy_support.numpy_to_vtkIdTypeArray(cells, deep=True))
+    ca.SetData(numpy_support.numpy_to_vtkIdTypeArray(np.arange(0, 3 * len(faces) + 1, 3, dtype=np.int64), deep=True),
+               numpy_support.numpy_to_vtkIdTypeArray(faces.astype(np.int64).ravel(), deep=True))
     poly.SetPolys(ca)
     out = poly
     if target_reduction > 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import math
 import os
@@ -225,8 +226,9 @@ def _plot(csv_path: str, png_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- main loop
-def train(cfg: TrainConfig, resume: bool = False, log=print) -> str:
-    """Train; returns the path of the final model file (`<out>/model.pt`)."""
+def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None = None) -> str:
+    """Train; returns the path of the final model file (`<out>/model.pt`), or of the checkpoint
+    when `stop_at` ends this run early (a resumable chunk: continue with resume=True)."""
     rank, world, local_rank = _dist_env()
     distributed = world > 1
     device = cfg.device
@@ -280,8 +282,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> str:
     step = start
     t_last, n_last = time.time(), 0
     acc = {"loss": 0.0, "wce": 0.0, "ngcc": 0.0, "n": 0}
-    while step < cfg.steps:
-        chunk_end = min(cfg.steps, step + max(cfg.ckpt_every, 1))
+    end = min(cfg.steps, stop_at) if stop_at else cfg.steps
+    while step < end:
+        chunk_end = min(end, step + max(cfg.ckpt_every, 1))
         if source is not None:
             source.refresh()
         ds = TrainSamples(cfg, None if source is None else list(source.paths))
@@ -330,9 +333,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> str:
             save_model(ckpt_path, core, model_card(cfg, step), half=False,
                        extra={"optimizer": opt.state_dict(), "step": step})
             _plot(csv_path, os.path.join(cfg.out, "curves.png"))
+    if distributed:  # every rank records a digest of its weights: DDP must keep them identical
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in core.parameters())).hexdigest()
+        with open(os.path.join(cfg.out, f"weights_rank{rank}.sha256"), "w") as f:
+            f.write(digest)
+        dist.barrier()
+    if step < cfg.steps:
+        return ckpt_path
     final = os.path.join(cfg.out, "model.pt")
     if rank == 0:
         save_model(final, core, model_card(cfg, step))
-    if distributed:
-        dist.barrier()
     return final

@@ -1,0 +1,208 @@
+"""MRML side of KneeRecon: MRML nodes <-> KneeReconLib objects. Imports `slicer` but never qt,
+ctk or ScriptedLoadableModule, so it runs under Slicer and headless under `slicer-core`.
+Slicer's world is RAS; KneeReconLib (and every file it writes) is LPS: x and y flip sign."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import slicer
+import vtk
+from vtkmodules.util import numpy_support
+
+_here = os.path.dirname(os.path.abspath(__file__))
+for _p in (os.path.join(_here, ".."), _here):  # source tree: repo root; installed: beside the module
+    if os.path.isdir(os.path.join(_p, "KneeReconLib")) and _p not in sys.path:
+        sys.path.insert(0, _p)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _matrix(m: np.ndarray) -> vtk.vtkMatrix4x4:
+    v = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            v.SetElement(r, c, float(m[r, c]))
+    return v
+
+
+def grid_ijk_to_ras(grid) -> np.ndarray:
+    """IJK->RAS of a KneeReconLib ReconGrid (axis-aligned LPS)."""
+    m = np.eye(4)
+    m[:3, :3] = np.diag(grid.spacing)
+    m[:3, 3] = grid.origin
+    return LPS_TO_RAS @ m
+
+
+class KneeReconMRMLLogic:
+    """Reconstruct from two X-ray volume nodes into a segmentation node (no Qt)."""
+
+    def __init__(self, scene=None):
+        self.scene = scene or slicer.mrmlScene
+
+    # ------------------------------------------------------------------ inputs
+    def xrayFromVolumeNode(self, node, view: str, pixelSpacing: float | None = None, side: str = "right",
+                           sid: float | None = None, sod: float | None = None):
+        """A KneeReconLib XRay from a 2D scalar volume node (pixels as stored: column i, row j)."""
+        from KneeReconLib.errors import KneeReconError
+        from KneeReconLib.geometry import ViewGeometry
+        from KneeReconLib.xray_io import XRay
+
+        if node is None or node.GetImageData() is None:
+            raise KneeReconError(f"no {view} X-ray volume selected")
+        arr = slicer.util.arrayFromVolume(node)
+        if arr.ndim == 3:
+            if arr.shape[0] != 1:
+                raise KneeReconError(f"the {view} volume '{node.GetName()}' has {arr.shape[0]} slices; an X-ray is 2D")
+            arr = arr[0]
+        elif arr.ndim != 2:
+            raise KneeReconError(f"the {view} volume '{node.GetName()}' is not a grayscale 2D image")
+        sp = node.GetSpacing()
+        spacing = (pixelSpacing, pixelSpacing) if pixelSpacing else (sp[0], sp[1])
+        h, w = arr.shape
+        geom = ViewGeometry(view, w, h, tuple(float(s) for s in spacing), sid, sod, side)
+        return XRay(arr.astype(np.float32), geom, {"file": node.GetName(), "spacing_source": "option" if pixelSpacing else "volume node"})
+
+    # ------------------------------------------------------------------ main entry
+    def reconstruct(self, apNode, lateralNode, side: str = "right", pixelSpacing: float | None = None,
+                    sid: float | None = None, sod: float | None = None, modelPath: str | None = None,
+                    device: str = "cpu", segmentationNode=None, createModels: bool = True,
+                    progress=None, cancel=None):
+        """Run KneeRecon and put the result into the scene. Returns the segmentation node; the
+        full `Reconstruction` is kept in `self.lastReconstruction`."""
+        from KneeReconLib.inference import Reconstructor, pick_device
+
+        ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
+        lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
+        rec = Reconstructor(modelPath, pick_device(device)).run(ap, lat, side, surfaces=createModels,
+                                                               progress=progress, cancel=cancel)
+        self.lastReconstruction = rec
+        seg = self.segmentationFromReconstruction(rec, segmentationNode,
+                                                  name=f"KneeRecon {side} knee")
+        if createModels:
+            self.modelsFromReconstruction(rec, folderName=f"KneeRecon {side} knee models")
+        return seg
+
+    # ------------------------------------------------------------------ outputs
+    def segmentationFromReconstruction(self, rec, segmentationNode=None, name: str = "KneeRecon"):
+        from KneeReconLib.labels import BONES
+        from KneeReconLib.segfile import terminology_entry
+
+        scene = self.scene
+        labels = rec.labels_array()
+        ijk_to_ras = _matrix(grid_ijk_to_ras(rec.grid))
+        seg = segmentationNode or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        if seg.GetDisplayNode() is None:
+            seg.CreateDefaultDisplayNodes()
+        geometry = slicer.vtkOrientedImageData()
+        geometry.SetDimensions(labels.shape[::-1])
+        geometry.SetImageToWorldMatrix(ijk_to_ras)
+        seg.GetSegmentation().SetConversionParameter(
+            slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+            slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
+        segmentation = seg.GetSegmentation()
+        for b in BONES:
+            if segmentation.GetSegment(b.name):
+                segmentation.RemoveSegment(b.name)
+            mask = slicer.vtkOrientedImageData()
+            mask.SetDimensions(labels.shape[::-1])
+            mask.SetImageToWorldMatrix(ijk_to_ras)
+            mask.GetPointData().SetScalars(
+                numpy_support.numpy_to_vtk((labels == b.value).astype(np.uint8).ravel(), deep=True))
+            segment = slicer.vtkSegment()
+            segment.SetName(b.name)
+            segment.SetColor(*b.color)
+            segment.SetNameAutoGenerated(False)
+            segment.SetColorAutoGenerated(False)
+            segment.SetTag("TerminologyEntry", terminology_entry(b.snomed, b.name, rec.side))
+            segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), mask)
+            segmentation.AddSegment(segment, b.name)
+        segmentation.CollapseBinaryLabelmaps(False)  # one shared layer: a small .seg.nrrd
+        seg.CreateClosedSurfaceRepresentation()
+        dn = seg.GetDisplayNode()
+        dn.SetVisibility3D(True)
+        dn.SetPreferredDisplayRepresentationName3D("Closed surface")
+        return seg
+
+    def modelsFromReconstruction(self, rec, folderName: str = "KneeRecon models") -> list:
+        """One model node per bone (the library's smoothed surfaces, LPS -> RAS) in a subject-hierarchy folder."""
+        from KneeReconLib.labels import BY_NAME
+
+        scene = self.scene
+        shn = scene.GetSubjectHierarchyNode()
+        folder = shn.CreateFolderItem(shn.GetSceneItemID(), folderName) if shn else 0
+        flip = vtk.vtkTransform()
+        flip.Scale(-1, -1, 1)
+        models = []
+        for name, poly in rec.surfaces.items():
+            tf = vtk.vtkTransformPolyDataFilter()
+            tf.SetTransform(flip)
+            tf.SetInputData(poly)
+            rev = vtk.vtkReverseSense()  # a mirror (det = +1 here: two flips) keeps orientation, but be explicit
+            rev.SetInputConnection(tf.GetOutputPort())
+            rev.ReverseCellsOff()
+            rev.ReverseNormalsOff()
+            rev.Update()
+            model = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
+            model.SetAndObservePolyData(rev.GetOutput())
+            model.CreateDefaultDisplayNodes()
+            d = model.GetDisplayNode()
+            d.SetColor(*BY_NAME[name].color)
+            d.SetScalarVisibility(False)
+            if shn:
+                item = shn.GetItemByDataNode(model) or shn.CreateItem(shn.GetSceneItemID(), model)
+                shn.SetItemParent(item, folder)
+            models.append(model)
+        return models
+
+    def outlineVolumes(self, rec, apNode, lateralNode) -> list:
+        """Label-map volumes of the bones' projected outlines on each X-ray, in the X-ray node's
+        own geometry: show them as the label layer over the X-ray in a slice view."""
+        from KneeReconLib.labels import BONES
+        from KneeReconLib.overlay import project_mask
+        from skimage.segmentation import find_boundaries
+
+        labels = rec.labels_array()
+        out = []
+        for node, view in ((apNode, rec.ap.geometry), (lateralNode, rec.lateral.geometry)):
+            outline = np.zeros((view.height, view.width), np.uint8)
+            for b in BONES:
+                sil = project_mask(labels == b.value, rec.grid, view)
+                outline[find_boundaries(sil, mode="inner")] = b.value
+            lm = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{node.GetName()} KneeRecon outline")
+            lm.CopyOrientation(node)
+            img = vtk.vtkImageData()
+            img.SetDimensions(view.width, view.height, 1)
+            img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(outline.ravel(), deep=True))
+            lm.SetAndObserveImageData(img)
+            lm.CreateDefaultDisplayNodes()
+            out.append(lm)
+        return out
+
+    def exportResults(self, segmentationNode, folder: str, formats=("stl", "seg.nrrd")) -> list[str]:
+        """Write per-bone surfaces (STL/OBJ, LPS) and/or the segmentation (.seg.nrrd) to `folder`."""
+        os.makedirs(folder, exist_ok=True)
+        written = []
+        segmentation = segmentationNode.GetSegmentation()
+        ids = vtk.vtkStringArray()
+        segmentation.GetSegmentIDs(ids)
+        for fmt in formats:
+            if fmt in ("stl", "obj"):
+                ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsClosedSurfaceRepresentationToFiles(
+                    folder, segmentationNode, ids, fmt.upper(), True, 1.0, False)
+                if not ok:
+                    raise OSError(f"exporting {fmt.upper()} surfaces to {folder} failed")
+                written += [os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith("." + fmt)]
+            elif fmt == "seg.nrrd":
+                path = os.path.join(folder, segmentationNode.GetName().replace(" ", "_") + ".seg.nrrd")
+                st = slicer.vtkMRMLSegmentationStorageNode()
+                self.scene.AddNode(st)
+                st.SetFileName(path)
+                if not st.WriteData(segmentationNode):
+                    raise OSError(f"writing {path} failed")
+                self.scene.RemoveNode(st)
+                written.append(path)
+            else:
+                raise ValueError(f"unknown export format {fmt!r}")
+        return sorted(set(written))

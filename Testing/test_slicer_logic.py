@@ -1,0 +1,205 @@
+"""The module's MRML logic on a real MRML scene from slicer-core (headless, no Qt)."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ROOT, SAMPLE
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is installed by requirements-test.txt")
+sys.path.insert(0, os.path.join(ROOT, "KneeRecon"))
+import slicer_headless  # noqa: E402
+from KneeReconLib.labels import BONES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def recon(bundled_model):
+    from KneeReconMRMLLogic import KneeReconMRMLLogic
+
+    scene, app, _obs = slicer_headless.install()
+    ap = slicer_headless.load_volume(scene, os.path.join(SAMPLE, "ap.nrrd"), "sample AP")
+    lat = slicer_headless.load_volume(scene, os.path.join(SAMPLE, "lateral.nrrd"), "sample lateral")
+    logic = KneeReconMRMLLogic(scene)
+    seg = logic.reconstruct(ap, lat, side="left", modelPath=bundled_model)
+    return scene, logic, seg, ap, lat
+
+
+def _tag(segment, name):
+    import vtk
+    ref = vtk.reference("")
+    assert segment.GetTag(name, ref)
+    return str(ref)
+
+
+def _ras_to_lps_centroid(seg, segment_id, ref_node):
+    arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, segment_id, ref_node)
+    k, j, i = np.nonzero(arr)
+    import vtk
+    mat = vtk.vtkMatrix4x4()
+    ref_node.GetIJKToRASMatrix(mat)
+    M = np.array([[mat.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ras = M @ np.vstack([i.mean(), j.mean(), k.mean(), 1.0])
+    return np.array([-ras[0, 0], -ras[1, 0], ras[2, 0]]), arr
+
+
+def test_segments_names_colours_terminology(recon):
+    _, _, seg, _, _ = recon
+    s = seg.GetSegmentation()
+    assert s.GetNumberOfSegments() == 4
+    for b in BONES:
+        segment = s.GetSegment(b.name)
+        assert segment is not None and segment.GetName() == b.name
+        assert np.allclose(segment.GetColor(), b.color)
+        tag = _tag(segment, "TerminologyEntry")
+        assert f"SCT^{b.snomed}^" in tag and "SCT^7771000^Left" in tag
+    pd = __import__("vtk").vtkPolyData()
+    seg.GetClosedSurfaceRepresentation("femur", pd)
+    assert pd.GetNumberOfPoints() > 500
+
+
+def test_geometry_in_ras_matches_truth(recon):
+    scene, logic, seg, _, _ = recon
+    truth = sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz"))
+    t = sitk.GetArrayFromImage(truth)
+    # a reference volume on the truth's grid, in RAS
+    ref = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "truth grid")
+    sp, org = np.array(truth.GetSpacing()), np.array(truth.GetOrigin())
+    m = np.eye(4)
+    m[:3, :3] = np.diag(sp)
+    m[:3, 3] = org
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
+    slicer.util.updateVolumeFromArray(ref, np.zeros(t.shape, np.uint8))
+    import vtk
+    vm = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vm.SetElement(r, c, ras[r, c])
+    ref.SetIJKToRASMatrix(vm)
+    for b in BONES:
+        c_pred, arr = _ras_to_lps_centroid(seg, b.name, ref)
+        k, j, i = np.nonzero(t == b.value)
+        c_true = org + sp * np.array([i.mean(), j.mean(), k.mean()])
+        assert np.linalg.norm(c_pred - c_true) < max(sp) * 1.5 + (3.0 if b.name in ("patella", "fibula") else 0), b.name
+        if b.name in ("femur", "tibia"):
+            inter = np.logical_and(arr > 0, t == b.value).sum()
+            assert 2 * inter / ((arr > 0).sum() + (t == b.value).sum()) > 0.85, b.name
+
+
+def test_seg_nrrd_export_reloads_identically(recon, tmp_path):
+    scene, logic, seg, _, _ = recon
+    files = logic.exportResults(seg, str(tmp_path), formats=("seg.nrrd", "stl"))
+    segfile = [f for f in files if f.endswith(".seg.nrrd")][0]
+    assert sum(f.endswith(".stl") for f in files) == 4
+    scene2 = slicer.vtkMRMLScene()
+    back = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    st = slicer.vtkMRMLSegmentationStorageNode()
+    scene2.AddNode(st)
+    back.SetAndObserveStorageNodeID(st.GetID())
+    st.SetFileName(segfile)
+    assert st.ReadData(back)
+    for b in BONES:
+        a1 = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg, b.name)
+        a2 = slicer.util.arrayFromSegmentInternalBinaryLabelmap(back, b.name)
+        v1 = seg.GetSegmentation().GetSegment(b.name).GetLabelValue()
+        v2 = back.GetSegmentation().GetSegment(b.name).GetLabelValue()
+        assert (a1 == v1).sum() > 0 and np.array_equal(a1 == v1, a2 == v2), b.name
+        assert back.GetSegmentation().GetSegment(b.name).GetName() == b.name
+
+
+def test_library_seg_nrrd_loads_in_slicer(recon, tmp_path):
+    """The command line's segmentation.seg.nrrd (written without Slicer) reads as four named segments."""
+    from KneeReconLib.segfile import write_seg_nrrd
+
+    _, logic, _, _, _ = recon
+    rec = logic.lastReconstruction
+    p = str(tmp_path / "segmentation.seg.nrrd")
+    write_seg_nrrd(rec.labels, p, "left")
+    scene2 = slicer.vtkMRMLScene()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene2)
+    node = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    st = slicer.vtkMRMLSegmentationStorageNode()
+    scene2.AddNode(st)
+    node.SetAndObserveStorageNodeID(st.GetID())
+    st.SetFileName(p)
+    assert st.ReadData(node)
+    s = node.GetSegmentation()
+    names = sorted(s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments()))
+    assert names == sorted(b.name for b in BONES)
+    fem = s.GetSegment("femur")
+    assert np.allclose(fem.GetColor(), BONES[0].color)
+    assert "SCT^71341001^" in _tag(fem, "TerminologyEntry")
+
+
+def test_models_and_outlines(recon):
+    scene, logic, seg, ap, lat = recon
+    models = [scene.GetNthNodeByClass(i, "vtkMRMLModelNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLModelNode"))]
+    names = {m.GetName() for m in models}
+    assert {b.name for b in BONES} <= names
+    fem = [m for m in models if m.GetName() == "femur"][0]
+    # RAS: the model's x and y are the LPS surface's negated
+    rec = logic.lastReconstruction
+    from KneeReconLib.surfaces import polydata_points
+    lps = polydata_points(rec.surfaces["femur"]).mean(0)
+    ras = polydata_points(fem.GetPolyData()).mean(0)
+    assert np.allclose(ras, lps * np.array([-1, -1, 1]), atol=1e-3)
+    outlines = logic.outlineVolumes(rec, ap, lat)
+    for o, src in zip(outlines, (ap, lat)):
+        arr = slicer.util.arrayFromVolume(o)
+        assert arr.shape == slicer.util.arrayFromVolume(src).shape
+        assert set(np.unique(arr)) >= {0, 1, 3}
+
+
+def test_offscreen_render_shows_four_bone_colours(recon, tmp_path):
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    import vtk
+    scene, logic, seg, _, _ = recon
+    ren = vtk.vtkRenderer()
+    ren.SetBackground(1, 1, 1)
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLModelNode")):
+        m = scene.GetNthNodeByClass(i, "vtkMRMLModelNode")
+        mapper = vtk.vtkPolyDataMapper()
+        mapper.SetInputData(m.GetPolyData())
+        mapper.ScalarVisibilityOff()
+        actor = vtk.vtkActor()
+        actor.SetMapper(mapper)
+        actor.GetProperty().SetColor(m.GetDisplayNode().GetColor())
+        actor.GetProperty().SetAmbient(0.6)
+        actor.GetProperty().SetDiffuse(0.4)
+        ren.AddActor(actor)
+    win = vtk.vtkRenderWindow()
+    win.SetOffScreenRendering(1)
+    win.AddRenderer(ren)
+    win.SetSize(400, 500)
+    cam = ren.GetActiveCamera()
+    cam.SetPosition(0, 400, 0)  # RAS: look from anterior (+A) toward the knee, superior up
+    cam.SetFocalPoint(0, 0, 0)
+    cam.SetViewUp(0, 0, 1)
+    ren.ResetCamera()
+    # patella is in front: turn the camera a little to see all four bones
+    cam.Azimuth(35)
+    ren.ResetCamera()
+    win.Render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(win)
+    grab.Update()
+    png = str(tmp_path / "render.png")
+    w = vtk.vtkPNGWriter()
+    w.SetFileName(png)
+    w.SetInputConnection(grab.GetOutputPort())
+    w.Write()
+    from PIL import Image
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(float) / 255
+    for b in BONES:
+        col = np.array(b.color)
+        # shaded pixels keep the hue: compare chromaticity
+        chrom = rgb / np.maximum(rgb.sum(-1, keepdims=True), 1e-6)
+        target = col / col.sum()
+        hits = (np.abs(chrom - target).sum(-1) < 0.04) & (rgb.sum(-1) < 2.9)
+        assert hits.sum() > 30, b.name
+    win.Finalize()
+    if os.environ.get("KNEERECON_SAVE_RENDER"):
+        import shutil
+        shutil.copy(png, os.environ["KNEERECON_SAVE_RENDER"])
