@@ -37,6 +37,17 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: 
     return (ce * weights).sum() / weights.sum().clamp_min(1e-6)
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice of the bone classes (1..C-1), pooled over the batch. Small bones
+    (patella, fibula) weigh as much as the femur here, unlike in the voxel-wise cross-entropy."""
+    prob = torch.softmax(logits.float(), dim=1)[:, 1:]
+    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    dims = (0, 2, 3, 4)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
 def _grad2d(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return img[..., 1:, :-1] - img[..., :-1, :-1], img[..., :-1, 1:] - img[..., :-1, :-1]
 

@@ -28,7 +28,7 @@ from .checkpoint import FORMAT, read_model_file, save_model
 from .dataset import AugmentConfig, Case, load_case, make_sample, phantom_case
 from .errors import KneeReconError
 from .labels import BONE_NAMES, NUM_CLASSES, label_table
-from .losses import ngcc_loss, surface_weights, weighted_cross_entropy
+from .losses import ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 from .metrics import dice_per_class
 from .network import UNet3D, UNetConfig
 
@@ -49,6 +49,7 @@ class TrainConfig:
     wce_w0: float = 5.0
     wce_sigma_mm: float = 2.0
     ngcc_lambda: float = 0.0  # applied when the crop spans the full x and y extent
+    dice_weight: float = 1.0  # soft Dice over the four bones, added to the WCE (class balance)
     architecture: dict = field(default_factory=lambda: UNetConfig().to_dict())
     grid_size: int = 128
     device: str = "cpu"
@@ -115,11 +116,16 @@ class TrainSamples(Dataset):
 
 
 def _crop(x, y, crop, rng, fg_p):
+    """Random crop; with probability fg_p centred near a voxel of a bone drawn uniformly among the
+    bones present (class-balanced, so patella and fibula are seen as often as femur and tibia)."""
     shape = y.shape
     size = [min(c, s) for c, s in zip(crop, shape)]
-    if rng.random() < fg_p and (y > 0).any():
-        idx = np.argwhere(y[::4, ::4, ::4] > 0)[rng.integers(0, int((y[::4, ::4, ::4] > 0).sum()))] * 4
-        start = [int(np.clip(c - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, n - s)) for c, s, n in zip(idx, size, shape)]
+    classes = [c for c in np.unique(y[::4, ::4, ::4]) if c > 0]
+    if rng.random() < fg_p and classes:
+        c = classes[int(rng.integers(len(classes)))]
+        vox = np.argwhere(y[::2, ::2, ::2] == c) * 2
+        idx = vox[int(rng.integers(len(vox)))]
+        start = [int(np.clip(i - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, n - s)) for i, s, n in zip(idx, size, shape)]
     else:
         start = [int(rng.integers(0, n - s + 1)) for s, n in zip(size, shape)]
     sl = tuple(slice(a, a + s) for a, s in zip(start, size))
@@ -300,6 +306,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 logits = model(x)
             wce = weighted_cross_entropy(logits, y, w)
             loss = wce
+            if cfg.dice_weight > 0:
+                loss = loss + cfg.dice_weight * soft_dice_loss(logits, y)
             ng = torch.zeros(())
             if use_ngcc:
                 ng = ngcc_loss(logits, x, tuple(spacing[0].tolist()))

@@ -1,0 +1,309 @@
+"""KneeRecon Slicer module: GUI and self-test. The work is done by KneeReconMRMLLogic (MRML <->
+library) and KneeReconLib (numerics); torch and scikit-image are imported only when used."""
+import logging
+import os
+from typing import Annotated, Optional
+
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from KneeReconMRMLLogic import KneeReconMRMLLogic
+
+TORCH_REQUIREMENT = ">=2.1"
+
+
+class KneeRecon(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("KneeRecon")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["KneeRecon team"]
+        self.parent.helpText = _(
+            "Reconstructs the femur, patella, tibia and fibula in 3D from one antero-posterior and one lateral "
+            "X-ray of the same knee, with a bundled 3D CNN (after Kasten et al. 2020). Load both X-rays, choose "
+            "the side, and press Reconstruct. Check the projected outlines on the X-rays before using the result. "
+            "Research tool, not a medical device: the bundled model is trained on synthetic phantoms only.")
+        self.parent.acknowledgementText = _(
+            "Method: Kasten Y., Doktofsky D., Kovler I. End-to-end convolutional neural network for 3D "
+            "reconstruction of knee bones from bi-planar X-ray images. MLMIR 2020.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The bundled AP + lateral pair in the Sample Data module."""
+    import pathlib
+
+    import SampleData
+
+    sample = os.path.join(os.path.dirname(__file__), "Resources", "Sample")
+    if not os.path.isdir(sample):  # source tree layout
+        sample = os.path.join(os.path.dirname(__file__), "..", "Resources", "Sample")
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "KneeRecon.png")
+    files = ["ap.nrrd", "lateral.nrrd"]
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="KneeRecon", sampleName="KneeReconSampleKnee", thumbnailFileName=icon,
+        uris=[pathlib.Path(os.path.abspath(os.path.join(sample, f))).as_uri() for f in files],
+        fileNames=["KneeReconSample_" + f for f in files], nodeNames=["KneeRecon sample AP", "KneeRecon sample lateral"],
+        loadFiles=True)
+
+
+@parameterNodeWrapper
+class KneeReconParameterNode:
+    apVolume: vtkMRMLScalarVolumeNode
+    lateralVolume: vtkMRMLScalarVolumeNode
+    side: Annotated[str, Choice(["right", "left"])] = "right"
+    pixelSpacing: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0: use the images' own spacing
+    coneBeam: bool = False
+    sid: Annotated[float, WithinRange(100.0, 5000.0)] = 1100.0
+    sod: Annotated[float, WithinRange(50.0, 5000.0)] = 1000.0
+    modelPath: str = ""  # empty: the bundled model
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    createModels: bool = True
+    outputSegmentation: vtkMRMLSegmentationNode
+    exportFolder: str = ""
+    exportStl: bool = True
+    exportObj: bool = False
+    exportSegNrrd: bool = True
+
+
+class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._cancelRequested = False
+        self._running = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/KneeRecon.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = KneeReconLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.setVisible(False)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.apVolume:
+            vol = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if vol:
+                self._parameterNode.apVolume = vol
+
+    def setParameterNode(self, inputParameterNode: Optional[KneeReconParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        ok = bool(p and p.apVolume and p.lateralVolume and p.apVolume != p.lateralVolume)
+        self.ui.applyButton.enabled = ok and not self._running
+        self.ui.applyButton.toolTip = _("Reconstruct the knee bones") if ok else _("Select two different X-ray volumes")
+        self.ui.sidSpinBox.enabled = self.ui.sodSpinBox.enabled = bool(p and p.coneBeam)
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.ui.progressBar.setValue(int(fraction * 100))
+        self.ui.statusLabel.text = message
+        slicer.app.processEvents()  # lets Cancel clicks through between stages
+
+    def onCancelButton(self) -> None:
+        self._cancelRequested = True
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onApplyButton(self) -> None:
+        import time
+
+        p = self._parameterNode
+        self._cancelRequested = False
+        self._running = True
+        self.ui.cancelButton.enabled = True
+        self.ui.progressBar.setVisible(True)
+        self._checkCanApply()
+        t0 = time.time()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("KneeRecon could not reconstruct this pair."), waitCursor=True):
+                self.logic.ensureDependencies()
+                from KneeReconLib.inference import Cancelled
+                try:
+                    seg = self.logic.reconstruct(
+                        p.apVolume, p.lateralVolume, side=p.side, pixelSpacing=p.pixelSpacing or None,
+                        sid=p.sid if p.coneBeam else None, sod=p.sod if p.coneBeam else None,
+                        modelPath=p.modelPath or None, device=p.device, segmentationNode=p.outputSegmentation,
+                        createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested)
+                except Cancelled:
+                    self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
+                    return
+                p.outputSegmentation = seg
+                rec = self.logic.lastReconstruction
+                self.logic.showForReview(rec, p.apVolume, p.lateralVolume, seg)
+                vols = ", ".join(f"{k} {v:.0f} ml" for k, v in rec.volumes_ml.items())
+                times = ", ".join(f"{k} {v:.2f} s" for k, v in rec.timings_s.items())
+                self.ui.statusLabel.text = _("Done in {t:.1f} s ({times}). Volumes: {vols}.").format(
+                    t=time.time() - t0, times=times, vols=vols)
+        finally:
+            self._running = False
+            self.ui.cancelButton.enabled = False
+            self.ui.progressBar.setVisible(False)
+            self._checkCanApply()
+
+    def onExportButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            if not p.outputSegmentation:
+                raise ValueError(_("Reconstruct first: there is no segmentation to export."))
+            if not p.exportFolder:
+                raise ValueError(_("Choose an export folder."))
+            formats = [f for f, on in (("stl", p.exportStl), ("obj", p.exportObj), ("seg.nrrd", p.exportSegNrrd)) if on]
+            files = self.logic.exportResults(p.outputSegmentation, p.exportFolder, formats)
+            self.ui.statusLabel.text = _("Exported {n} files to {folder}.").format(n=len(files), folder=p.exportFolder)
+
+
+class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
+    """Module logic: the Qt-free KneeReconMRMLLogic plus parameter node, dependencies and views."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        KneeReconMRMLLogic.__init__(self, slicer.mrmlScene)
+
+    def getParameterNode(self):
+        return KneeReconParameterNode(super().getParameterNode())
+
+    def ensureDependencies(self) -> None:
+        """torch through the PyTorch extension (asks first); scikit-image through pip (asks first).
+        numpy, SimpleITK and vtk come with Slicer and are never pip-installed."""
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise RuntimeError(_("KneeRecon needs PyTorch: install the 'PyTorch' extension from the Extensions "
+                                     "Manager, restart Slicer, and try again."))
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if not slicer.util.confirmOkCancelDisplay(
+                        _("KneeRecon needs PyTorch ({req}). Download and install it now? This can take a few minutes.")
+                        .format(req=TORCH_REQUIREMENT)):
+                    raise RuntimeError(_("PyTorch is required."))
+                torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
+        try:
+            import skimage  # noqa: F401
+        except ImportError:
+            if not slicer.util.confirmOkCancelDisplay(_("KneeRecon needs scikit-image. Install it now?")):
+                raise RuntimeError(_("scikit-image is required."))
+            slicer.util.pip_install("scikit-image")
+
+    def showForReview(self, rec, apNode, lateralNode, segmentationNode) -> None:
+        """X-rays with projected outlines in the Red and Yellow views; 3D view centred on the bones."""
+        outlines = self.outlineVolumes(rec, apNode, lateralNode)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        for viewName, xray, outline in (("Red", apNode, outlines[0]), ("Yellow", lateralNode, outlines[1])):
+            sliceLogic = slicer.app.layoutManager().sliceWidget(viewName).sliceLogic()
+            comp = sliceLogic.GetSliceCompositeNode()
+            comp.SetBackgroundVolumeID(xray.GetID())
+            comp.SetLabelVolumeID(outline.GetID())
+            comp.SetLabelOpacity(1.0)
+            sliceLogic.GetSliceNode().RotateToVolumePlane(xray)  # a 2D image lies in its own plane
+            sliceLogic.FitSliceToAll()
+        threeD = slicer.app.layoutManager().threeDWidget(0).threeDView()
+        threeD.resetFocalPoint()
+        threeD.resetCamera()
+
+
+class KneeReconTest(ScriptedLoadableModuleTest):
+    """Self-test: sample pair -> module logic with the bundled model -> Dice against the bundled truth;
+    then the widget: inputs, Apply, results present."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_logic_on_sample()
+        self.setUp()
+        self.test_widget_apply()
+
+    def _loadSample(self):
+        import SampleData
+
+        registerSampleData()
+        ap, lat = SampleData.downloadSample("KneeReconSampleKnee")
+        return ap, lat
+
+    def test_logic_on_sample(self):
+        import numpy as np
+        import SimpleITK as sitk
+
+        self.delayDisplay("Loading the sample X-ray pair")
+        ap, lat = self._loadSample()
+        logic = KneeReconLogic()
+        logic.ensureDependencies()
+        seg = logic.reconstruct(ap, lat, side="left")
+        rec = logic.lastReconstruction
+        here = os.path.dirname(__file__)
+        truth_path = next(p for p in (os.path.join(here, "Resources", "Sample", "truth.nii.gz"),
+                                      os.path.join(here, "..", "Resources", "Sample", "truth.nii.gz")) if os.path.exists(p))
+        truth = sitk.ReadImage(truth_path)
+        pred = sitk.GetArrayFromImage(sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        t = sitk.GetArrayFromImage(truth)
+        for value, name in ((1, "femur"), (3, "tibia")):
+            dice = 2 * np.logical_and(pred == value, t == value).sum() / ((pred == value).sum() + (t == value).sum())
+            self.delayDisplay(f"{name} Dice {dice:.3f}")
+            self.assertGreater(dice, 0.85)
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 4)
+        self.delayDisplay("Logic test passed")
+
+    def test_widget_apply(self):
+        ap, lat = self._loadSample()
+        slicer.util.selectModule("KneeRecon")
+        widget = slicer.modules.KneeReconWidget
+        p = widget._parameterNode
+        p.apVolume, p.lateralVolume, p.side = ap, lat, "left"
+        self.assertTrue(widget.ui.applyButton.enabled)
+        widget.onApplyButton()
+        self.assertIsNotNone(p.outputSegmentation)
+        self.assertEqual(p.outputSegmentation.GetSegmentation().GetNumberOfSegments(), 4)
+        self.assertGreaterEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLModelNode"), 4)
+        self.delayDisplay("Widget test passed")

@@ -1,0 +1,115 @@
+"""The bundled model end to end, and the coordinate contract by physical coordinates."""
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import vtk
+
+from conftest import SAMPLE, SHARED, centroid
+from KneeReconLib.cli import main
+from KneeReconLib.labels import BONES, BY_NAME
+from KneeReconLib.metrics import dice_per_class
+from KneeReconLib.outputs import OUTPUT_FILES
+
+
+def _on_truth(pred_path_or_img, truth):
+    img = sitk.ReadImage(pred_path_or_img) if isinstance(pred_path_or_img, str) else pred_path_or_img
+    pred = sitk.Resample(img, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(truth)
+
+
+@pytest.fixture(scope="module")
+def sample_output(tmp_path_factory, bundled_model):
+    out = str(tmp_path_factory.mktemp("rec") / "sample")
+    assert main(["reconstruct", "--ap", os.path.join(SAMPLE, "ap.nrrd"), "--lateral", os.path.join(SAMPLE, "lateral.nrrd"),
+                 "--side", "left", "--output", out]) == 0
+    return out
+
+
+def test_sample_reconstruction_matches_truth(sample_output):
+    truth = sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz"))
+    p, t = _on_truth(os.path.join(sample_output, "labels.nii.gz"), truth)
+    d = dice_per_class(p, t)
+    assert d[BY_NAME["femur"].value] > 0.85 and d[BY_NAME["tibia"].value] > 0.85, d
+    assert d[BY_NAME["patella"].value] > 0.6 and d[BY_NAME["fibula"].value] > 0.5, d
+
+
+def test_output_files_are_complete(sample_output):
+    assert sorted(os.listdir(sample_output)) == sorted(OUTPUT_FILES)
+    rep = json.load(open(os.path.join(sample_output, "report.json")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz")))
+    vox = np.prod(sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz")).GetSpacing()) / 1000
+    for b in ("femur", "tibia"):
+        true_ml = (truth == BY_NAME[b].value).sum() * vox
+        assert abs(rep["volumes_ml"][b] - true_ml) < 0.15 * true_ml, (b, rep["volumes_ml"][b], true_ml)
+    assert {"network", "backprojection", "surfaces"} <= set(rep["timings_s"])
+    assert rep["side"] == "left" and rep["model"]["name"]
+    for b in BONES:  # closed, non-trivial surfaces in LPS mm around the bone
+        r = vtk.vtkSTLReader()
+        r.SetFileName(os.path.join(sample_output, f"{b.name}.stl"))
+        r.Update()
+        poly = r.GetOutput()
+        assert poly.GetNumberOfCells() > 200, b.name
+        clean = vtk.vtkCleanPolyData()
+        clean.SetInputData(poly)
+        fe = vtk.vtkFeatureEdges()
+        fe.SetInputConnection(clean.GetOutputPort())
+        fe.BoundaryEdgesOn()
+        fe.FeatureEdgesOff()
+        fe.ManifoldEdgesOff()
+        fe.NonManifoldEdgesOff()
+        fe.Update()
+        assert fe.GetOutput().GetNumberOfCells() == 0, f"{b.name} surface is not closed"
+    lab = sitk.ReadImage(os.path.join(sample_output, "labels.nii.gz"))
+    r = vtk.vtkSTLReader()
+    r.SetFileName(os.path.join(sample_output, "femur.stl"))
+    r.Update()
+    c_surf = np.array(r.GetOutput().GetCenter())
+    arr = sitk.GetArrayFromImage(lab)
+    c_lab = centroid(arr == 1, lab.GetSpacing(), lab.GetOrigin())
+    assert np.abs(c_surf[:2] - c_lab[:2]).max() < 6  # same place in x and y (LPS), not mirrored
+    from PIL import Image
+    ov = np.asarray(Image.open(os.path.join(sample_output, "overlay.png")).convert("RGB"))
+    for b in BONES:
+        col = (np.array(b.color) * 255).astype(int)
+        assert (np.abs(ov.astype(int) - col).sum(-1) < 40).sum() > 20, f"{b.name} outline missing in overlay.png"
+
+
+@pytest.mark.parametrize("side,seed", [("left", 1_000_101), ("right", 1_000_102)])
+def test_contract_left_and_right_knee_land_in_place(tmp_path, bundled_model, side, seed):
+    """A phantom written to files and rendered per the contract reconstructs onto its truth by
+    physical coordinates; a mirrored frame would put the fibula on the wrong side."""
+    ph_dir, drr_dir = str(tmp_path / "ph"), str(tmp_path / "drr")
+    assert main(["phantom", "--count", "1", "--seed", str(seed), "--side", side, "--output", ph_dir]) == 0
+    assert main(["drr", "--ct", f"{ph_dir}/knee_{seed:07d}_ct.nii.gz", "--labels", f"{ph_dir}/knee_{seed:07d}_labels.nii.gz",
+                 "--pixel-spacing", "0.8", "--output", drr_dir]) == 0
+    out = str(tmp_path / "rec")
+    assert main(["reconstruct", "--ap", f"{drr_dir}/ap.nrrd", "--lateral", f"{drr_dir}/lateral.nrrd", "--side", side,
+                 "--output", out]) == 0
+    truth = sitk.ReadImage(f"{drr_dir}/truth_fullres.nii.gz")
+    p, t = _on_truth(os.path.join(out, "labels.nii.gz"), truth)
+    d = dice_per_class(p, t)
+    assert d[1] > 0.85 and d[3] > 0.85, d
+    sp, org = truth.GetSpacing(), truth.GetOrigin()
+    fib_x = centroid(p == 4, sp, org)[0] - centroid(p == 3, sp, org)[0]
+    assert (fib_x > 0) == (side == "left")  # the fibula is lateral: patient's left (+x) for a left knee
+    assert centroid(p == 2, sp, org)[1] < centroid(p == 1, sp, org)[1]  # patella anterior (-y)
+
+
+CONTRACT = os.path.join(SHARED, "contract-check")
+
+
+@pytest.mark.skipif(not os.path.isdir(CONTRACT), reason="../shared/contract-check not present")
+@pytest.mark.parametrize("knee", ["knee_a", "knee_b"])
+def test_contract_check_knees_from_other_software(bundled_model, knee):
+    d = os.path.join(CONTRACT, knee)
+    side = json.load(open(os.path.join(d, "meta.json")))["side"]
+    from KneeReconLib.inference import reconstruct
+    rec = reconstruct(os.path.join(d, "ap.nrrd"), os.path.join(d, "lateral.nrrd"), side=side, surfaces=False)
+    truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
+    p, t = _on_truth(rec.labels, truth)
+    dice = dice_per_class(p, t)
+    assert dice[1] > 0.8 and dice[3] > 0.8, dice  # femur, tibia: frame and scale are right
+    assert dice[2] > 0.4 and dice[4] > 0.4, dice  # patella, fibula: not mirrored or transposed
