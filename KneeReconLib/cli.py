@@ -44,6 +44,14 @@ def cmd_reconstruct(a) -> int:
     return 0
 
 
+def cmd_reconstruct_batch(a) -> int:
+    from .batch import run_batch
+
+    path = run_batch(a.manifest, a.output, model=a.model, device=a.device, workers=a.workers)
+    print(f"summary: {path}")
+    return 0
+
+
 def cmd_phantom(a) -> int:
     from .phantom import PhantomConfig, generate_phantom, write_phantom
 
@@ -158,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     r.add_argument("--force", action="store_true", help="replace an existing output folder")
     r.set_defaults(func=cmd_reconstruct)
+
+    rb = sub.add_parser("reconstruct-batch", help="reconstruct many X-ray pairs listed in a CSV manifest (resumable)",
+                        description="Manifest columns: id, ap, lateral [, side, pixel_spacing, sid, sod]. Each case is "
+                        "written to OUTPUT/<id>/; cases already done are skipped; OUTPUT/summary.csv lists all cases.")
+    rb.add_argument("manifest")
+    rb.add_argument("--output", required=True)
+    rb.add_argument("--model")
+    rb.add_argument("--device", default="cpu")
+    rb.add_argument("--workers", type=int, default=1, help="parallel processes (threads are split between them)")
+    rb.set_defaults(func=cmd_reconstruct_batch)
 
     ph = sub.add_parser("phantom", help="generate labelled knee CT phantoms")
     ph.add_argument("--count", type=int, default=1)

@@ -38,14 +38,20 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: 
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice of the bone classes (1..C-1), pooled over the batch. Small bones
-    (patella, fibula) weigh as much as the femur here, unlike in the voxel-wise cross-entropy."""
+    """1 - mean soft Dice of the bone classes present in the batch's target, pooled over the batch.
+    Small bones (patella, fibula) weigh as much as the femur here, unlike in the voxel-wise
+    cross-entropy. Classes absent from a crop are left out: their Dice would only teach the
+    network never to predict them."""
     prob = torch.softmax(logits.float(), dim=1)[:, 1:]
     onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
     dims = (0, 2, 3, 4)
     inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+    truth = onehot.sum(dims)
+    dice = (2 * inter + eps) / (prob.sum(dims) + truth + eps)
+    present = truth > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    return 1.0 - dice[present].mean()
 
 
 def _grad2d(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,7 +80,12 @@ def bone_surface(mask: np.ndarray, grid: ReconGrid, smoothing_iterations: int = 
 
 
 def write_stl(poly: vtk.vtkPolyData, path: str) -> None:
+    """Binary STL; a bone that was not found gives a valid STL with no triangles (the report says so)."""
     with atomic_path(path) as tmp:
+        if poly.GetNumberOfCells() == 0:
+            with open(tmp, "wb") as f:
+                f.write(b"KneeRecon: empty surface (bone not found)".ljust(80, b" ") + (0).to_bytes(4, "little"))
+            return
         w = vtk.vtkSTLWriter()
         w.SetFileName(tmp)
         w.SetInputData(poly)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from KneeReconLib.losses import ngcc, ngcc_loss, surface_weights, weighted_cross_entropy
+from KneeReconLib.losses import ngcc, ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 from KneeReconLib.metrics import dice_per_class, surface_distances
 
 
@@ -46,3 +46,16 @@ def test_dice_and_surface_distance_on_known_shapes():
     assert sd["chamfer"] < 1e-6
     sd2 = surface_distances(a, b, (0.5, 0.5, 0.5))  # 2 voxels = 1 mm shift
     assert 0.4 < sd2["chamfer"] < 1.0 and 0.9 < sd2["hd95"] < 1.2
+
+
+def test_soft_dice_ignores_absent_classes():
+    y = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    y[:, 2:6, 2:6, 2:6] = 1  # only the femur is present
+    perfect = torch.nn.functional.one_hot(y, 5).permute(0, 4, 1, 2, 3).float() * 20
+    assert soft_dice_loss(perfect, y) < 1e-3
+    # predicting some patella where there is none costs nothing through Dice (the CE handles it) ...
+    leaky = perfect.clone()
+    leaky[:, 2, 0, 0, 0] = 40
+    assert soft_dice_loss(leaky, y) < 1e-3
+    # ... but missing the femur does
+    assert soft_dice_loss(torch.zeros_like(perfect), y) > 0.5
