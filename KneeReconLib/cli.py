@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ap", required=True, help="antero-posterior X-ray (DICOM, NRRD, MHA, NIfTI, PNG, TIFF, JPEG)")
     r.add_argument("--lateral", required=True, help="lateral X-ray of the same knee")
     r.add_argument("--output", required=True, help="output folder (refused if it exists, unless --force)")
-    r.add_argument("--side", choices=["left", "right"], help="which knee; needed for cone-beam geometry")
+    r.add_argument("--side", choices=["left", "right"], help="which knee (default: detected from the reconstructed fibula; give it for cone-beam geometry)")
     r.add_argument("--pixel-spacing", type=float, metavar="MM",
                    help="detector pixel size in mm; required for PNG/JPEG/TIFF, overrides the file's spacing")
     r.add_argument("--sid", type=float, metavar="MM", help="source-to-image distance, for cone-beam geometry")

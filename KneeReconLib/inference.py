@@ -23,6 +23,18 @@ RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Reso
 DEFAULT_MODEL = os.path.normpath(os.path.join(RESOURCES, "Models", "kneerecon_unet.pt"))
 
 
+def detect_side(labels: np.ndarray, grid: ReconGrid) -> str | None:
+    """'left' or 'right' from where the reconstructed fibula lies relative to the tibia (the fibula
+    is lateral: toward +x, the patient's left, in a left knee); None if either is missing."""
+    fib, tib = labels == 4, labels == 3
+    if fib.sum() < 50 or tib.sum() < 50:
+        return None
+    dx = (np.nonzero(fib)[2].mean() - np.nonzero(tib)[2].mean()) * grid.spacing[0]
+    if abs(dx) < 5.0:
+        return None
+    return "left" if dx > 0 else "right"
+
+
 class Cancelled(Exception):
     """Raised when the caller's cancel callback asks to stop."""
 
@@ -40,6 +52,7 @@ class Reconstruction:
     side: str
     device: str = "cpu"
     notes: list = field(default_factory=list)
+    detected_side: str | None = None
 
     def labels_array(self) -> np.ndarray:
         return sitk.GetArrayFromImage(self.labels)
@@ -113,6 +126,10 @@ class Reconstructor:
         vox_ml = float(np.prod(grid.spacing)) / 1000.0
         volumes = {b.name: float((lab == b.value).sum() * vox_ml) for b in BONES}
         notes = [f"no {n} found in the reconstruction" for n, v in volumes.items() if v == 0]
+        seen = detect_side(lab, grid)
+        if seen and seen != side:
+            notes.append(f"the reconstructed fibula lies on the {seen} knee's lateral side, but the side given is "
+                         f"{side}: check the side and the images' orientation (AP columns toward the patient's left)")
         surf = {}
         if surfaces:
             t0 = time.perf_counter()
@@ -121,7 +138,9 @@ class Reconstructor:
                 surf[b.name] = bone_surface(lab == b.value, grid)
             t["surfaces"] = time.perf_counter() - t0
         progress(1.0, "done")
-        return Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, ap, lateral, side, self.device, notes)
+        rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, ap, lateral, side, self.device, notes)
+        rec.detected_side = seen
+        return rec
 
 
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
@@ -138,8 +157,16 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
     t0 = time.perf_counter()
     rec = Reconstructor(model, device)
     t_load = time.perf_counter() - t0
-    out = rec.run(ap, lateral, side, surfaces=surfaces, progress=progress, cancel=cancel)
-    out.timings_s = {"read": t_read, "load_model": t_load, **out.timings_s}
+    out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel)
     if side is None:
-        out.notes.append("side not given: assumed right (it only matters for cone-beam geometry)")
+        seen = out.detected_side
+        if seen and seen != side_:
+            if ap.geometry.cone or lateral.geometry.cone:  # the lateral source side changes the geometry: redo
+                out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel)
+            else:
+                out.side = seen
+        out.notes = [n for n in out.notes if "but the side given" not in n]
+        out.notes.append(f"side not given: detected {out.side} from the fibula's position" if seen
+                         else "side not given and not detectable (no fibula found): assumed right")
+    out.timings_s = {"read": t_read, "load_model": t_load, **out.timings_s}
     return out

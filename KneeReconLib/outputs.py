@@ -43,6 +43,7 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "model": {"name": card.get("name"), "version": card.get("version"), "file": card.get("file"),
                   "trained_on": card.get("training_data", {}).get("summary") if isinstance(card.get("training_data"), dict) else None},
         "side": rec.side,
+        "side_detected_from_fibula": rec.detected_side,
         "input_geometry": geo,
         "grid": rec.grid.to_dict(),
         "volumes_ml": {k: round(v, 3) for k, v in rec.volumes_ml.items()},

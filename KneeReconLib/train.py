@@ -9,6 +9,7 @@ processes or GPUs under `torchrun` (DDP, gloo on CPU, NCCL on CUDA).
 """
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import hashlib
@@ -54,6 +55,7 @@ class TrainConfig:
     grid_size: int = 128
     device: str = "cpu"
     amp: bool = True  # bf16 autocast on CPU; bf16 (or fp16 where unsupported) on CUDA
+    bn_recalibration: int = 16  # full-grid samples to re-estimate BatchNorm statistics at the end (0 = off)
     channels_last: bool = True
     workers: int = 1
     seed: int = 0
@@ -177,6 +179,38 @@ def model_card(cfg: TrainConfig, step: int, extra: dict | None = None) -> dict:
         "training": {"steps": step, "config": cfg.to_dict()},
         **(extra or {}),
     }
+
+
+def recalibrate_batchnorm(model, samples, device: str = "cpu", amp: bool = True, channels_last: bool = True) -> int:
+    """Re-estimate every BatchNorm's running mean/variance as a plain average over `samples`
+    (full-grid inputs [2, z, y, x]). Training on small random crops with batch 1-2 leaves running
+    statistics that track the last few crops; inference on the full grid needs population ones."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+        m.train()
+    n = 0
+    with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=_amp_dtype(device), enabled=amp):
+        for x in samples:
+            xt = torch.as_tensor(x)[None].to(device)
+            if channels_last:
+                xt = xt.contiguous(memory_format=torch.channels_last_3d)
+            model(xt)
+            n += 1
+    for m, (mom, tr) in zip(bns, saved):
+        m.momentum = mom
+        m.train(tr)
+    return n
+
+
+def recalibration_samples(paths: list[str], n: int, seed: int, augment: dict | None = None):
+    """Full-grid training inputs (augmented like training) for `recalibrate_batchnorm`."""
+    rng = np.random.default_rng([seed, 7919])
+    aug = AugmentConfig(**augment) if augment else AugmentConfig()
+    for _ in range(n):
+        yield make_sample(load_case(paths[int(rng.integers(len(paths)))]), rng, aug)[0]
 
 
 def validate(model, cases: list[Case], device: str, amp: bool, channels_last: bool) -> dict:
@@ -328,7 +362,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 row = {"step": step, "lr": f"{_lr_at(step - 1, cfg):.3g}", "samples_per_s": f"{sps:.3f}",
                        **{k: f"{acc[k] / acc['n']:.5f}" for k in ("loss", "wce", "ngcc")}}
                 if val_cases and (step % cfg.val_every == 0 or step == cfg.steps):
-                    d = validate(core, val_cases, device, cfg.amp, cfg.channels_last)
+                    probe = copy.deepcopy(core)  # validate with population BN statistics, leave training untouched
+                    if cfg.bn_recalibration and source is not None:
+                        recalibrate_batchnorm(probe, recalibration_samples(source.paths, min(8, cfg.bn_recalibration), step,
+                                                                           cfg.augment), device, cfg.amp, cfg.channels_last)
+                    d = validate(probe, val_cases, device, cfg.amp, cfg.channels_last)
+                    del probe
                     row.update({f"dice_{b}": f"{v:.4f}" for b, v in d.items()})
                 with open(csv_path, "a", newline="") as f:
                     csv.DictWriter(f, fields).writerow(row)
@@ -350,5 +389,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
         return ckpt_path
     final = os.path.join(cfg.out, "model.pt")
     if rank == 0:
+        if cfg.bn_recalibration and source is not None:
+            recalibrate_batchnorm(core, recalibration_samples(source.paths, cfg.bn_recalibration, cfg.seed, cfg.augment),
+                                  device, cfg.amp, cfg.channels_last)
         save_model(final, core, model_card(cfg, step))
     return final

@@ -86,8 +86,11 @@ def test_contract_left_and_right_knee_land_in_place(tmp_path, bundled_model, sid
     assert main(["drr", "--ct", f"{ph_dir}/knee_{seed:07d}_ct.nii.gz", "--labels", f"{ph_dir}/knee_{seed:07d}_labels.nii.gz",
                  "--pixel-spacing", "0.8", "--output", drr_dir]) == 0
     out = str(tmp_path / "rec")
-    assert main(["reconstruct", "--ap", f"{drr_dir}/ap.nrrd", "--lateral", f"{drr_dir}/lateral.nrrd", "--side", side,
+    side_args = ["--side", side] if side == "left" else []  # the right knee's side is left to detection
+    assert main(["reconstruct", "--ap", f"{drr_dir}/ap.nrrd", "--lateral", f"{drr_dir}/lateral.nrrd", *side_args,
                  "--output", out]) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["side"] == side and rep["side_detected_from_fibula"] == side
     truth = sitk.ReadImage(f"{drr_dir}/truth_fullres.nii.gz")
     p, t = _on_truth(os.path.join(out, "labels.nii.gz"), truth)
     d = dice_per_class(p, t)

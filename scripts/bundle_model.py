@@ -15,6 +15,7 @@ from KneeReconLib.checkpoint import load_model, read_model_file, save_model  # n
 from KneeReconLib.evaluate import PAPER, evaluate_files, evaluate_model, format_table  # noqa: E402
 from KneeReconLib.labels import BONE_NAMES  # noqa: E402
 from KneeReconLib.phantom import PhantomConfig  # noqa: E402
+from KneeReconLib.train import recalibrate_batchnorm, recalibration_samples  # noqa: E402
 
 
 def main():
@@ -25,6 +26,8 @@ def main():
     p.add_argument("--hours", type=float, required=True, help="wall-clock training time")
     p.add_argument("--device-desc", default="2-core CPU (no GPU), bf16 autocast")
     p.add_argument("--n-train", type=int, required=True, help="number of cached training phantoms")
+    p.add_argument("--train-data", default=os.path.join(ROOT, "cache", "train"))
+    p.add_argument("--recalibrate", type=int, default=32, help="full-grid samples for BatchNorm statistics (0 = off)")
     a = p.parse_args()
     src = os.path.join(a.run, "model.pt")
     blob = read_model_file(src)
@@ -46,6 +49,13 @@ def main():
                           "hours": a.hours, "device": a.device_desc},
     })
     net, _ = load_model(src)
+    if a.recalibrate:  # population BatchNorm statistics over full-grid training inputs
+        import glob
+        paths = sorted(glob.glob(os.path.join(a.train_data, "*.npz")))
+        net.train()
+        recalibrate_batchnorm(net, recalibration_samples(paths, a.recalibrate, 0, cfg.get("augment")))
+        net.eval()
+        card["bn_recalibration_samples"] = a.recalibrate
     save_model(tmp, net, card, half=True)
     res = evaluate_model(tmp, [a.test], out_dir=a.run)
     ext = evaluate_files(tmp, [os.path.join(ROOT, "..", "shared", "contract-check", k) for k in ("knee_a", "knee_b")])
