@@ -115,10 +115,11 @@ def cmd_train(a) -> int:
 
     arch = UNetConfig(widths=tuple(int(w) for w in a.widths.split(","))).to_dict()
     cfg = TrainConfig(data=a.data, phantoms_on_the_fly=a.phantoms_on_the_fly, val_data=a.val_data or [], out=a.output,
-                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, crop=None if a.crop == 0 else (a.crop,) * 3,
-                      ngcc_lambda=a.ngcc_lambda, architecture=arch, device=a.device, amp=not a.no_amp,
-                      workers=a.workers, seed=a.seed, val_every=a.val_every, ckpt_every=a.ckpt_every,
-                      grid_size=a.grid_size, threads=a.threads, log_every=a.log_every)
+                      steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
+                      crop=None if a.crop == 0 else (a.crop,) * 3, ngcc_lambda=a.ngcc_lambda, dice_weight=a.dice_weight,
+                      architecture=arch, device=a.device, amp=not a.no_amp, workers=a.workers, seed=a.seed,
+                      val_every=a.val_every, ckpt_every=a.ckpt_every, grid_size=a.grid_size, threads=a.threads,
+                      log_every=a.log_every, init_from=a.init_from)
     if a.crop_z:
         cfg.crop = (a.crop_z, cfg.grid_size, cfg.grid_size)
     if not a.data and not a.phantoms_on_the_fly:
@@ -214,11 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-data", nargs="*")
     t.add_argument("--output", required=True)
     t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--crop", type=int, default=64, help="cubic random crop size (0 = full grid)")
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--crop", type=int, default=80, help="cubic random crop size (0 = full grid)")
     t.add_argument("--crop-z", type=int, help="crop slabs of this height spanning full x and y (enables NGCC)")
-    t.add_argument("--ngcc-lambda", type=float, default=0.0)
+    t.add_argument("--ngcc-lambda", type=float, default=0.0,
+                   help="weight of the NGCC projection loss (active when crops span whole rays: --crop 0 or --crop-z)")
+    t.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice term")
+    t.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
+    t.add_argument("--init-from", help="start from this model file's weights (fine-tuning)")
     t.add_argument("--widths", default="8,16,32,64,128")
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-amp", action="store_true")

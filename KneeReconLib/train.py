@@ -55,6 +55,7 @@ class TrainConfig:
     grid_size: int = 128
     device: str = "cpu"
     amp: bool = True  # bf16 autocast on CPU; bf16 (or fp16 where unsupported) on CUDA
+    init_from: str | None = None  # start from this model file's weights (fine-tuning), unless resuming
     bn_recalibration: int = 16  # full-grid samples to re-estimate BatchNorm statistics at the end (0 = off)
     channels_last: bool = True
     workers: int = 1
@@ -292,6 +293,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.startswith("cuda") and _amp_dtype(device) == torch.float16)
     start = 0
+    if cfg.init_from and not (resume and os.path.exists(ckpt_path)):
+        init = read_model_file(cfg.init_from)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init["state_dict"].items()})
+        log(f"initialised from {cfg.init_from}")
     if resume and os.path.exists(ckpt_path):
         blob = read_model_file(ckpt_path)
         model.load_state_dict({k: v for k, v in blob["state_dict"].items()})
