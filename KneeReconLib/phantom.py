@@ -28,8 +28,8 @@ class PhantomConfig:
     side: str = "random"  # left | right | random
     flexion_deg: tuple[float, float] = (0.0, 30.0)
     patella_follow: tuple[float, float] = (0.55, 0.8)  # patellar rotation / knee flexion
-    scale_sd: float = 0.09  # overall size: normal(1, sd), clipped to +-2.5 sd
-    shape_sd: float = 0.07  # per-dimension shape factors: normal(1, sd)
+    scale_sd: float = 0.10  # overall size: normal(1, sd), clipped to +-2.5 sd
+    shape_sd: float = 0.10  # per-dimension shape factors: normal(1, sd)
     warp_mm: tuple[float, float] = (1.0, 3.5)  # amplitude of the smooth random warp per bone
     rotation_deg: tuple[float, float, float] = (4.0, 4.0, 8.0)  # +- about x, y, z
     translation_mm: tuple[float, float, float] = (8.0, 8.0, 15.0)  # +- offsets of the knee
@@ -145,7 +145,7 @@ def sample_parameters(seed: int, config: PhantomConfig) -> dict:
         "valgus_deg": float(rng.uniform(3.0, 8.0)),
         "shape": {k: f() for k in (
             "shaft_r", "cond_w", "cond_r", "cond_sep", "epi_w", "epi_d", "notch_w", "plateau_w", "plateau_d",
-            "tib_shaft_r", "tuber", "fib_r", "fib_head", "fib_pos", "pat_w", "pat_h", "pat_t", "pat_height",
+            "tib_shaft_r", "tuber", "fib_r", "fib_head", "fib_pos", "fib_height", "pat_w", "pat_h", "pat_t", "pat_height",
             "metaphysis")},
         "warp_mm": [float(rng.uniform(*config.warp_mm)) for _ in range(4)],
         "warp_seed": int(rng.integers(2**31)),
@@ -203,7 +203,7 @@ def _tibia(x, y, z, p, s):
 
 def _fibula(x, y, z, p, s, ytp, pw, pd):
     sh = p["shape"]
-    hx, hy, hz = -(pw * 0.86) * sh["fib_pos"], ytp + pd * 0.62, -24 * s
+    hx, hy, hz = -(pw * 0.86) * sh["fib_pos"], ytp + pd * 0.62, -22 * s * sh["fib_height"]
     r = 7.5 * s * sh["fib_r"]
     head = _ellipsoid(x, y, z, (hx, hy, hz), (10.5 * s * sh["fib_head"], 10.5 * s * sh["fib_head"], 13 * s))
     shaft = _frustum(x, y, z, -400.0, hz - 5, (hx + 0.02 * 375, hy - 6 * s), (hx, hy), (r * 0.9, r * 0.85), (r, r))
@@ -213,10 +213,10 @@ def _fibula(x, y, z, p, s, ytp, pw, pd):
 
 def _patella(x, y, z, p, s, ycc, zc):
     sh = p["shape"]
-    t = 11.5 * s * sh["pat_t"]
-    cy = ycc - 13 * s - 23 * s - 3.0 - t
+    t = 12.5 * s * sh["pat_t"]
+    cy = ycc - 13 * s - 24 * s - 4.0 - t  # clear of the trochlea, so carving does not eat it
     cz = zc + 22 * s * sh["pat_height"]
-    d = _ellipsoid(x, y, z, (-3 * s, cy, cz), (22 * s * sh["pat_w"], t, 23 * s * sh["pat_h"]))
+    d = _ellipsoid(x, y, z, (-3 * s, cy, cz), (23.5 * s * sh["pat_w"], t, 24.5 * s * sh["pat_h"]))
     ridge = _ellipsoid(x, y, z, (-3 * s, cy + t * 0.55, cz), (9 * s, 7 * s, 17 * s * sh["pat_h"]))
     return _smooth_union(d, ridge, 3.0)
 
@@ -281,7 +281,7 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
 
     # soft tissue: thigh in the femur frame, calf in the tibia frame, blended at the joint
     g = p["girth"]
-    pat_front = float(ycc - 36 * s - 3.0 - 22.0 * s * p["shape"]["pat_t"])
+    pat_front = float(ycc - 37 * s - 4.0 - 25.0 * s * p["shape"]["pat_t"])
     ant = pat_front - 8.0 * g
     def leg(xx, yy, zz, rx, ry_post):
         cy = (ant + ry_post) / 2

@@ -14,7 +14,7 @@ def _check_anatomy(ph):
     # adult knee, within a 13-25 cm field of view
     assert 60 < vols["femur"] < 320, vols
     assert 60 < vols["tibia"] < 320, vols
-    assert 8 < vols["patella"] < 45, vols
+    assert 8 < vols["patella"] < 60, vols
     assert 4 < vols["fibula"] < 45, vols
     for n in BY_NAME:  # exactly one connected component per bone
         cc = sitk.ConnectedComponent(sitk.GetImageFromArray((lab == BY_NAME[n].value).astype(np.uint8)))
