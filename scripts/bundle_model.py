@@ -27,6 +27,7 @@ def main():
     p.add_argument("--device-desc", default="2-core CPU (no GPU), bf16 autocast")
     p.add_argument("--n-train", type=int, required=True, help="number of cached training phantoms")
     p.add_argument("--train-data", default=os.path.join(ROOT, "cache", "train"))
+    p.add_argument("--history", default="", help="how the run was reached (earlier phases), for the card")
     p.add_argument("--recalibrate", type=int, default=32, help="full-grid samples for BatchNorm statistics (0 = off)")
     a = p.parse_args()
     src = os.path.join(a.run, "model.pt")
@@ -46,7 +47,7 @@ def main():
             "validation": "8 phantoms, seeds 900000-900007",
         },
         "training_cost": {"steps": card["training"]["steps"], "batch_size": cfg["batch_size"], "crop": cfg["crop"],
-                          "hours": a.hours, "device": a.device_desc},
+                          "hours": a.hours, "device": a.device_desc, "history": a.history},
     })
     net, _ = load_model(src)
     if a.recalibrate:  # population BatchNorm statistics over full-grid training inputs
@@ -88,7 +89,7 @@ KneeRecon; not validated on clinical radiographs.
 - Loss: surface-weighted cross-entropy (w0 = {cfg['wce_w0']}, sigma = {cfg['wce_sigma_mm']} mm) + {cfg.get('dice_weight', 0)} x soft Dice;
   NGCC lambda = {cfg['ngcc_lambda']} (random {cfg['crop']} crops do not span whole rays, so the NGCC term was off).
 - Optimiser: AdamW, lr {cfg['lr']}, warm-up {cfg['warmup_steps']} steps then cosine; batch {cfg['batch_size']}.
-- Cost: {card['training_cost']['steps']} steps in {a.hours:.2f} h on {a.device_desc}.
+- Cost: {card['training_cost']['steps']} steps in {a.hours:.2f} h on {a.device_desc}. {a.history}
 
 ## Test set ({card['test_metrics']['test_set']})
 
