@@ -61,7 +61,8 @@ def _grad2d(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _ncc(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
     b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    # sqrt(. + eps), not .norm(): the norm's gradient at a zero vector is NaN (a flat projection)
+    return (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + eps)
 
 
 def ngcc(image: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:

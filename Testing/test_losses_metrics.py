@@ -59,3 +59,10 @@ def test_soft_dice_ignores_absent_classes():
     assert soft_dice_loss(leaky, y) < 1e-3
     # ... but missing the femur does
     assert soft_dice_loss(torch.zeros_like(perfect), y) > 0.5
+
+
+def test_ngcc_gradient_is_finite_for_flat_images():
+    flat = torch.zeros(1, 8, 8, requires_grad=True)
+    img = torch.rand(1, 8, 8)
+    ngcc(img, flat).sum().backward()
+    assert torch.isfinite(flat.grad).all()
