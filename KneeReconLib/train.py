@@ -321,6 +321,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
     use_ngcc = cfg.ngcc_lambda > 0 and full_xy
     if cfg.ngcc_lambda > 0 and not full_xy and rank == 0:
         log("note: NGCC needs crops spanning the full x and y extent; it is off for this crop size")
+    if use_ngcc and cfg.workers > 0:
+        # Observed here: NGCC + DataLoader worker processes gave NaN losses from the first steps,
+        # while the same samples loaded in-process train cleanly. Until that is understood, load in-process.
+        log("note: NGCC is on: loading data in the main process (workers=0)")
+        cfg = TrainConfig(**{**cfg.__dict__, "workers": 0})
     amp_dtype = _amp_dtype(device)
     dev_type = device.split(":")[0]
 

@@ -26,6 +26,21 @@ def recon(bundled_model):
     return scene, logic, seg, ap, lat
 
 
+def _read_seg(path):
+    """Read a .seg.nrrd into a segmentation node of a fresh scene, as Slicer's storage node does."""
+    scene = slicer.vtkMRMLScene()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    st = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(st)
+    node.SetAndObserveStorageNodeID(st.GetID())
+    st.SetFileName(path)
+    assert st.ReadData(node)
+    node._keep_scene = scene  # the scene must outlive the node's use
+    return node
+
+
 def _tag(segment, name):
     import vtk
     ref = vtk.reference("")
@@ -92,13 +107,7 @@ def test_seg_nrrd_export_reloads_identically(recon, tmp_path):
     files = logic.exportResults(seg, str(tmp_path), formats=("seg.nrrd", "stl"))
     segfile = [f for f in files if f.endswith(".seg.nrrd")][0]
     assert sum(f.endswith(".stl") for f in files) == 4
-    scene2 = slicer.vtkMRMLScene()
-    back = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    st = slicer.vtkMRMLSegmentationStorageNode()
-    scene2.AddNode(st)
-    back.SetAndObserveStorageNodeID(st.GetID())
-    st.SetFileName(segfile)
-    assert st.ReadData(back)
+    back = _read_seg(segfile)
     for b in BONES:
         a1 = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg, b.name)
         a2 = slicer.util.arrayFromSegmentInternalBinaryLabelmap(back, b.name)
@@ -116,15 +125,7 @@ def test_library_seg_nrrd_loads_in_slicer(recon, tmp_path):
     rec = logic.lastReconstruction
     p = str(tmp_path / "segmentation.seg.nrrd")
     write_seg_nrrd(rec.labels, p, "left")
-    scene2 = slicer.vtkMRMLScene()
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    seg_logic.SetMRMLScene(scene2)
-    node = scene2.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    st = slicer.vtkMRMLSegmentationStorageNode()
-    scene2.AddNode(st)
-    node.SetAndObserveStorageNodeID(st.GetID())
-    st.SetFileName(p)
-    assert st.ReadData(node)
+    node = _read_seg(p)
     s = node.GetSegmentation()
     names = sorted(s.GetNthSegment(i).GetName() for i in range(s.GetNumberOfSegments()))
     assert names == sorted(b.name for b in BONES)

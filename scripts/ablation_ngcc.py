@@ -31,7 +31,7 @@ def main():
         out = os.path.join(a.out, f"lambda_{lam:g}")
         cfg = TrainConfig(data=[a.train], out=out, steps=a.steps, batch_size=1, lr=2e-4, warmup_steps=20,
                           crop=(a.slab, 128, 128), ngcc_lambda=lam, init_from=a.init, ckpt_every=a.steps, log_every=25,
-                          seed=11, threads=a.threads, workers=1)
+                          seed=11, threads=a.threads, workers=0)
         done = os.path.join(out, "evaluation.json")
         if os.path.exists(done) and os.path.exists(os.path.join(out, "model.pt")):  # this arm already ran
             res = json.load(open(done))
