@@ -330,6 +330,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
     dev_type = device.split(":")[0]
 
     step = start
+    skipped = 0
     t_last, n_last = time.time(), 0
     acc = {"loss": 0.0, "wce": 0.0, "ngcc": 0.0, "n": 0}
     end = min(cfg.steps, stop_at) if stop_at else cfg.steps
@@ -358,8 +359,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 loss = loss + cfg.ngcc_lambda * ng
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            grads_ok = all(torch.isfinite(p.grad).all() for p in core.parameters() if p.grad is not None)
+            if torch.isfinite(loss) and (grads_ok or scaler.is_enabled()):
+                scaler.step(opt)  # (with fp16 the scaler itself skips steps with inf/NaN gradients)
+                scaler.update()
+            else:
+                # a non-finite loss or gradient must not reach the weights: one bad batch would ruin the model
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
+                if rank == 0:
+                    log(f"warning: step {step + 1} skipped: non-finite loss or gradient ({skipped} so far)")
+                step += 1
+                continue
             step += 1
             acc["loss"] += float(loss.detach())
             acc["wce"] += float(wce.detach())
