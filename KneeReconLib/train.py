@@ -322,8 +322,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
     if cfg.ngcc_lambda > 0 and not full_xy and rank == 0:
         log("note: NGCC needs crops spanning the full x and y extent; it is off for this crop size")
     if use_ngcc and cfg.workers > 0:
-        # Observed here: NGCC + DataLoader worker processes gave NaN losses from the first steps,
-        # while the same samples loaded in-process train cleanly. Until that is understood, load in-process.
+        # Observed here: slab-crop runs with DataLoader worker processes went NaN (with and without NGCC);
+        # in-process loading plus the non-finite-step guard below trained cleanly. Cause not yet found.
         log("note: NGCC is on: loading data in the main process (workers=0)")
         cfg = TrainConfig(**{**cfg.__dict__, "workers": 0})
     amp_dtype = _amp_dtype(device)
