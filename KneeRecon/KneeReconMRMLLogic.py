@@ -136,16 +136,12 @@ class KneeReconMRMLLogic:
         flip.Scale(-1, -1, 1)
         models = []
         for name, poly in rec.surfaces.items():
-            tf = vtk.vtkTransformPolyDataFilter()
+            tf = vtk.vtkTransformPolyDataFilter()  # LPS -> RAS: two flips, so triangle orientation is kept
             tf.SetTransform(flip)
             tf.SetInputData(poly)
-            rev = vtk.vtkReverseSense()  # a mirror (det = +1 here: two flips) keeps orientation, but be explicit
-            rev.SetInputConnection(tf.GetOutputPort())
-            rev.ReverseCellsOff()
-            rev.ReverseNormalsOff()
-            rev.Update()
+            tf.Update()
             model = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
-            model.SetAndObservePolyData(rev.GetOutput())
+            model.SetAndObservePolyData(tf.GetOutput())
             model.CreateDefaultDisplayNodes()
             d = model.GetDisplayNode()
             d.SetColor(*BY_NAME[name].color)

@@ -32,8 +32,6 @@ from .xray_io import XRay
 VAL_SEED0 = 900_000
 TEST_SEED0 = 1_000_000
 
-TOTALSEGMENTATOR_MAP = {"femur_left": 1, "femur_right": 1, "patella": 2, "tibia": 3, "fibula": 4}
-
 
 @dataclass
 class Case:

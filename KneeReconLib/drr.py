@@ -58,11 +58,9 @@ def project_cone(volume: torch.Tensor, grid: ReconGrid, view: ViewGeometry, n_sa
     det_depth = view.sid - view.sod  # detector plane beyond the isocentre
     if view.view == "ap":
         det = torch.stack([u, torch.full_like(u, det_depth), v], -1)
-        beam = torch.tensor([0.0, 1.0, 0.0], dtype=dt, device=dev)
     else:
         sgn = 1.0 if view.side == "right" else -1.0
         det = torch.stack([torch.full_like(u, sgn * det_depth), u, v], -1)
-        beam = torch.tensor([sgn, 0.0, 0.0], dtype=dt, device=dev)
     # march over the depth range (along the central beam axis) that the grid occupies
     half = 0.5 * float(np.linalg.norm([n * s for n, s in zip(grid.shape[::-1], grid.spacing)]))
     d0, d1 = view.sod - half, view.sod + half
@@ -82,7 +80,6 @@ def project_cone(volume: torch.Tensor, grid: ReconGrid, view: ViewGeometry, n_sa
         g = norm.unsqueeze(0).expand(B, -1, -1, -1, -1)
         samples = F.grid_sample(vol5, g, mode="bilinear", padding_mode="zeros", align_corners=True)
         out.append(samples[:, 0].sum(-1) * step[r0:r0 + chunk])
-    del beam
     return torch.cat(out, dim=1)
 
 

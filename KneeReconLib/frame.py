@@ -27,9 +27,9 @@ def image_center(image: sitk.Image) -> tuple[float, float, float]:
 def physical_extent(image: sitk.Image) -> np.ndarray:
     """Axis-aligned extent (mm) of an image's corners in LPS."""
     n = image.GetSize()
-    corners = [image.TransformContinuousIndexToPhysicalPoint((a * (n[0] - 0.5) - 0.5 * (1 - a), b * (n[1] - 0.5) - 0.5 * (1 - b),
-                                                               c * (n[2] - 0.5) - 0.5 * (1 - c)))
-               for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    lo_hi = [(-0.5, k - 0.5) for k in n]  # voxel edges, in continuous index
+    corners = [image.TransformContinuousIndexToPhysicalPoint((a, b, c))
+               for a in lo_hi[0] for b in lo_hi[1] for c in lo_hi[2]]
     c = np.array(corners)
     return c.max(0) - c.min(0)
 

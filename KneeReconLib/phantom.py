@@ -277,7 +277,7 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
     labels[tib] = BY_NAME["tibia"].value
     labels[fib] = BY_NAME["fibula"].value
     labels[pat] = BY_NAME["patella"].value
-    labels = _largest_components(labels, vox)
+    labels = _largest_components(labels)
 
     # soft tissue: thigh in the femur frame, calf in the tibia frame, blended at the joint
     g = p["girth"]
@@ -330,7 +330,7 @@ def _smooth_noise(rng: np.random.Generator, shape, cell: int) -> np.ndarray:
     return fine[: shape[0], : shape[1], : shape[2]]
 
 
-def _largest_components(labels: np.ndarray, vox: float) -> np.ndarray:
+def _largest_components(labels: np.ndarray) -> np.ndarray:
     """Keep each bone's largest connected component (carving can leave specks)."""
     out = np.zeros_like(labels)
     for v in np.unique(labels):

@@ -23,7 +23,6 @@ def write_seg_nrrd(labels: sitk.Image, path: str, side: str | None = None) -> No
     """Write the label map as a Slicer segmentation with four named, coloured segments."""
     img = sitk.Cast(labels, sitk.sitkUInt8)
     arr = sitk.GetArrayViewFromImage(img)
-    n = img.GetSize()
     img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     img.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
@@ -43,5 +42,4 @@ def write_seg_nrrd(labels: sitk.Image, path: str, side: str | None = None) -> No
         img.SetMetaData(k + "Layer", "0")
         img.SetMetaData(k + "Extent", " ".join(str(int(e)) for e in ext))
         img.SetMetaData(k + "Tags", f"TerminologyEntry:{terminology_entry(b.snomed, b.name, side)}|")
-    del n
     atomic_write_image(img, path, compress=True)
