@@ -119,7 +119,8 @@ def cmd_train(a) -> int:
                       crop=None if a.crop == 0 else (a.crop,) * 3, ngcc_lambda=a.ngcc_lambda, dice_weight=a.dice_weight,
                       architecture=arch, device=a.device, amp=not a.no_amp, workers=a.workers, seed=a.seed,
                       val_every=a.val_every, ckpt_every=a.ckpt_every, grid_size=a.grid_size, threads=a.threads,
-                      log_every=a.log_every, init_from=a.init_from)
+                      log_every=a.log_every, init_from=a.init_from, slab_p=a.slab_p, slab_depth=a.slab_depth,
+                      ema_decay=a.ema)
     if a.crop_z:
         cfg.crop = (a.crop_z, cfg.grid_size, cfg.grid_size)
     if not a.data and not a.phantoms_on_the_fly:
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--crop", type=int, default=80, help="cubic random crop size (0 = full grid)")
     t.add_argument("--crop-z", type=int, help="crop slabs of this height spanning full x and y (enables NGCC)")
+    t.add_argument("--slab-p", type=float, default=0.0,
+                   help="fraction of steps on full-x/y slabs of --slab-depth (whole rays, NGCC applies) instead of --crop")
+    t.add_argument("--slab-depth", type=int, default=32)
+    t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0 = off); model.pt uses the average")
     t.add_argument("--ngcc-lambda", type=float, default=0.0,
                    help="weight of the NGCC projection loss (active when crops span whole rays: --crop 0 or --crop-z)")
     t.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice term")

@@ -47,6 +47,9 @@ class TrainConfig:
     warmup_steps: int = 100
     crop: tuple[int, int, int] | None = (64, 64, 64)  # (z, y, x); None = full grid
     foreground_crop_p: float = 0.67  # crops centred on a bone voxel
+    slab_p: float = 0.0  # fraction of steps trained on full-x/y slabs (whole rays: NGCC applies) instead of `crop`
+    slab_depth: int = 32  # z extent of those slabs
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off); validation and model.pt use it
     wce_w0: float = 5.0
     wce_sigma_mm: float = 2.0
     ngcc_lambda: float = 0.0  # applied when the crop spans the full x and y extent
@@ -111,11 +114,22 @@ class TrainSamples(Dataset):
         x, y = make_sample(case, rng, self.aug)
         grid = case.grid()
         spacing_zyx = grid.spacing[::-1]
-        if self.cfg.crop:
-            x, y = _crop(x, y, self.cfg.crop, rng, self.cfg.foreground_crop_p)
+        crop = _crop_shape(self.cfg, int(i))
+        if crop:
+            x, y = _crop(x, y, crop, rng, self.cfg.foreground_crop_p)
         w = surface_weights(y, spacing_zyx, self.cfg.wce_w0, self.cfg.wce_sigma_mm)
         return (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)),
                 torch.from_numpy(w), torch.tensor(grid.spacing, dtype=torch.float32))
+
+
+def _crop_shape(cfg: TrainConfig, index: int) -> tuple[int, int, int] | None:
+    """The crop for global sample `index`: a slab with probability slab_p, decided per step (one
+    seeded draw shared by every item and rank of the step, so a batch has one shape)."""
+    if cfg.slab_p > 0:
+        step = index // (cfg.batch_size * _dist_env()[1])
+        if np.random.default_rng([cfg.seed, step, 7]).random() < cfg.slab_p:
+            return (cfg.slab_depth, cfg.grid_size, cfg.grid_size)
+    return tuple(cfg.crop) if cfg.crop else None
 
 
 def _crop(x, y, crop, rng, fg_p):
@@ -157,6 +171,15 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for weights; buffers (BatchNorm statistics) copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
 def _amp_dtype(device: str):
@@ -303,6 +326,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
         opt.load_state_dict(blob["optimizer"])
         start = int(blob["step"])
         log(f"resumed from {ckpt_path} at step {start}")
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = copy.deepcopy(model).requires_grad_(False)
+        if resume and os.path.exists(ckpt_path) and "ema" in blob:
+            ema.load_state_dict(blob["ema"])
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.startswith("cuda") else None)
     core = model.module if distributed else model
@@ -317,11 +345,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
 
-    full_xy = cfg.crop is None or (cfg.crop[1] >= cfg.grid_size and cfg.crop[2] >= cfg.grid_size)
-    use_ngcc = cfg.ngcc_lambda > 0 and full_xy
+    full_xy = cfg.crop is None or (cfg.crop[1] >= cfg.grid_size and cfg.crop[2] >= cfg.grid_size) or cfg.slab_p > 0
     if cfg.ngcc_lambda > 0 and not full_xy and rank == 0:
         log("note: NGCC needs crops spanning the full x and y extent; it is off for this crop size")
-    if use_ngcc and cfg.workers > 0:
+    if cfg.ngcc_lambda > 0 and full_xy and cfg.workers > 0:
         # Observed here: slab-crop runs with DataLoader worker processes went NaN (with and without NGCC);
         # in-process loading plus the non-finite-step guard below trained cleanly. Cause not yet found.
         log("note: NGCC is on: loading data in the main process (workers=0)")
@@ -354,7 +381,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
             if cfg.dice_weight > 0:
                 loss = loss + cfg.dice_weight * soft_dice_loss(logits, y)
             ng = torch.zeros(())
-            if use_ngcc:
+            if cfg.ngcc_lambda > 0 and x.shape[-1] >= cfg.grid_size and x.shape[-2] >= cfg.grid_size:
                 ng = ngcc_loss(logits, x, tuple(spacing[0].tolist()))
                 loss = loss + cfg.ngcc_lambda * ng
             opt.zero_grad(set_to_none=True)
@@ -363,6 +390,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
             if torch.isfinite(loss) and (grads_ok or scaler.is_enabled()):
                 scaler.step(opt)  # (with fp16 the scaler itself skips steps with inf/NaN gradients)
                 scaler.update()
+                if ema is not None:
+                    _ema_update(ema, core, min(cfg.ema_decay, (1 + step) / (10 + step)))
             else:
                 # a non-finite loss or gradient must not reach the weights: one bad batch would ruin the model
                 opt.zero_grad(set_to_none=True)
@@ -383,7 +412,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 row = {"step": step, "lr": f"{_lr_at(step - 1, cfg):.3g}", "samples_per_s": f"{sps:.3f}",
                        **{k: f"{acc[k] / acc['n']:.5f}" for k in ("loss", "wce", "ngcc")}}
                 if val_cases and (step % cfg.val_every == 0 or step == cfg.steps):
-                    probe = copy.deepcopy(core)  # validate with population BN statistics, leave training untouched
+                    probe = copy.deepcopy(ema if ema is not None else core)  # validate with population BN statistics, leave training untouched
                     if cfg.bn_recalibration and source is not None:
                         recalibrate_batchnorm(probe, recalibration_samples(source.paths, min(8, cfg.bn_recalibration), step,
                                                                            cfg.augment), device, cfg.amp, cfg.channels_last)
@@ -399,7 +428,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 t_last, n_last = time.time(), 0
         if rank == 0:
             save_model(ckpt_path, core, model_card(cfg, step), half=False,
-                       extra={"optimizer": opt.state_dict(), "step": step})
+                       extra={"optimizer": opt.state_dict(), "step": step,
+                              **({"ema": ema.state_dict()} if ema is not None else {})})
             _plot(csv_path, os.path.join(cfg.out, "curves.png"))
     if distributed:  # every rank records a digest of its weights: DDP must keep them identical
         digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in core.parameters())).hexdigest()
@@ -410,6 +440,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
         return ckpt_path
     final = os.path.join(cfg.out, "model.pt")
     if rank == 0:
+        if ema is not None:  # the averaged weights are the model
+            core = ema
         if cfg.bn_recalibration and source is not None:
             recalibrate_batchnorm(core, recalibration_samples(source.paths, cfg.bn_recalibration, cfg.seed, cfg.augment),
                                   device, cfg.amp, cfg.channels_last)

@@ -42,18 +42,38 @@ def test_training_lowers_the_loss(tiny_cache, tmp_path):
     assert os.path.exists(tmp_path / "curves.png") and os.path.exists(tmp_path / "model.pt")
 
 
-def test_resume_reproduces_uninterrupted_run(tiny_cache, tmp_path):
-    full = train(_cfg(tiny_cache, tmp_path / "a"), log=lambda m: None)
-    ck = train(_cfg(tiny_cache, tmp_path / "b"), log=lambda m: None, stop_at=4)
+# bf16 on CPU is bit-reproducible only while the crop shape stays fixed (oneDNN's kernel choice depends on
+# the shapes it has seen), so the mixed-shape case is checked in fp32
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "slab_p": 0.5, "slab_depth": 8, "crop": (16, 16, 16),
+                                    "ngcc_lambda": 0.2, "amp": False}], ids=["plain", "ema+slabs+ngcc-fp32"])
+def test_resume_reproduces_uninterrupted_run(tiny_cache, tmp_path, extra):
+    full = train(_cfg(tiny_cache, tmp_path / "a", **extra), log=lambda m: None)
+    ck = train(_cfg(tiny_cache, tmp_path / "b", **extra), log=lambda m: None, stop_at=4)
     assert ck.endswith("checkpoint.pt") and read_model_file(ck)["step"] == 4
-    resumed = train(_cfg(tiny_cache, tmp_path / "b"), resume=True, log=lambda m: None)
+    assert ("ema" in read_model_file(ck)) == bool(extra)
+    resumed = train(_cfg(tiny_cache, tmp_path / "b", **extra), resume=True, log=lambda m: None)
     wa, wb = _weights(full), _weights(resumed)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     # and a run that never stopped differs from a fresh one with another seed
-    other = train(_cfg(tiny_cache, tmp_path / "c", seed=5), log=lambda m: None)
+    other = train(_cfg(tiny_cache, tmp_path / "c", seed=5, **extra), log=lambda m: None)
     assert any(not torch.equal(wa[k], _weights(other)[k]) for k in wa if wa[k].is_floating_point())
+
+
+def test_ema_model_is_the_average_and_slabs_are_mixed(tiny_cache, tmp_path):
+    from KneeReconLib.train import _crop_shape
+    cfg = _cfg(tiny_cache, tmp_path, crop=(16, 16, 16), slab_p=0.5, slab_depth=8, batch_size=1)
+    shapes = [_crop_shape(cfg, i) for i in range(200)]
+    n_slab = sum(s == (8, 32, 32) for s in shapes)
+    assert 60 < n_slab < 140 and all(s in ((8, 32, 32), (16, 16, 16)) for s in shapes)
+    # EMA on: the final weights are the average, not the last iterate (BatchNorm re-estimation off to compare)
+    train(_cfg(tiny_cache, tmp_path / "e", ema_decay=0.9, bn_recalibration=0), log=lambda m: None)
+    ck = read_model_file(str(tmp_path / "e" / "checkpoint.pt"))
+    final = _weights(str(tmp_path / "e" / "model.pt"))
+    k = next(k for k in final if k.endswith("weight") and final[k].ndim == 5)
+    assert torch.allclose(final[k].float(), ck["ema"][k].float(), atol=1e-3)
+    assert not torch.allclose(final[k].float(), ck["state_dict"][k].float(), atol=1e-3)
 
 
 def test_ddp_two_cpu_processes_train_one_model(tiny_cache, tmp_path):
