@@ -56,8 +56,10 @@ def load_model(path: str, device: str = "cpu") -> tuple[UNet3D, dict]:
     blob = read_model_file(path)
     card = blob["card"]
     try:
-        net = UNet3D(UNetConfig.from_dict(card["architecture"]))
-        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+        with torch.device("meta"):  # no random initialisation: every tensor comes from the file
+            net = UNet3D(UNetConfig.from_dict(card["architecture"]))
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()},
+                            assign=True)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise KneeReconError(f"{path!r}: the weights do not match the architecture in its card ({str(e)[:200]})")
     return net.to(device).eval(), card

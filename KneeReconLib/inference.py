@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,7 @@ from .checkpoint import load_model
 from .errors import KneeReconError
 from .geometry import ReconGrid
 from .labels import BONES
+from .network import fold_batchnorm
 from .preprocessing import normalize_intensity
 from .surfaces import bone_surface, clean_labels
 from .xray_io import XRay, read_xray, with_side
@@ -68,6 +70,15 @@ def pick_device(device: str) -> str:
     return device
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16/AMX); elsewhere bf16 would be
+    emulated and slower than fp32, so inference falls back to fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Reconstructor:
     """Holds a loaded model; `run` reconstructs one X-ray pair."""
 
@@ -76,18 +87,38 @@ class Reconstructor:
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
         self.device = pick_device(device)
-        self.net, self.card = load_model(self.model_path, self.device)
+        net, self.card = load_model(self.model_path, self.device)
+        self.divisor = net.divisor
         self.amp = amp
+        # BatchNorm folded into the convolutions; on the CPU with amp, bf16 weights and activations
+        # throughout (no autocast casts per layer) in channels-last 3D, oneDNN's fastest layout
+        # (bench/bench_inference.py measures each step against fp32 eager)
+        self.net = fold_batchnorm(net)
+        self.dtype = torch.float32
         if self.device == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last_3d)
+            if amp and cpu_has_fast_bf16():
+                self.dtype = torch.bfloat16
+                self.net = self.net.to(self.dtype)
+
+    @property
+    def precision(self) -> str:
+        """How the network runs, for the report (e.g. 'bf16 weights, BatchNorm folded')."""
+        if self.device.startswith("cuda"):
+            return "autocast " + ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.amp else "fp32"
+        if self.dtype == torch.bfloat16:
+            return "bf16 (BatchNorm folded, channels-last)"
+        why = "" if not self.amp else ": this CPU has no native bf16"
+        return f"fp32 (BatchNorm folded, channels-last){why}"
 
     def predict(self, volume: np.ndarray) -> np.ndarray:
         """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
-        x = torch.from_numpy(volume)[None].to(self.device)
+        x = torch.from_numpy(volume)[None].to(self.device, self.dtype)
         if self.device == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        dt = torch.bfloat16 if self.device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=dt, enabled=self.amp):
+        cuda_amp = self.amp and self.device.startswith("cuda")
+        dt = torch.bfloat16 if not cuda_amp or torch.cuda.is_bf16_supported() else torch.float16
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dt, enabled=cuda_amp):
             return self.net(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
 
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
@@ -108,7 +139,7 @@ class Reconstructor:
         check(0.05, "back-projecting the X-rays")
         t0 = time.perf_counter()
         size = int(grid_size or self.card.get("grid_size", 128))
-        div = self.net.divisor
+        div = self.divisor
         if size % div:
             raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
         grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
@@ -133,13 +164,20 @@ class Reconstructor:
         surf = {}
         if surfaces:
             t0 = time.perf_counter()
-            for i, b in enumerate(BONES):
-                check(0.65 + 0.3 * i / len(BONES), f"building the {b.name} surface")
-                surf[b.name] = bone_surface(lab == b.value, grid)
+            check(0.65, "building the bone surfaces")
+            # VTK's filters release the GIL: two threads build two bones at once; progress and
+            # cancel stay on the calling (GUI) thread
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                futures = {pool.submit(bone_surface, lab == b.value, grid): b.name for b in BONES}
+                for i, fut in enumerate(as_completed(futures)):
+                    surf[futures[fut]] = fut.result()
+                    check(0.65 + 0.3 * (i + 1) / len(BONES), f"built the {futures[fut]} surface")
+            surf = {b.name: surf[b.name] for b in BONES}
             t["surfaces"] = time.perf_counter() - t0
         progress(1.0, "done")
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, ap, lateral, side, self.device, notes)
         rec.detected_side = seen
+        rec.precision = self.precision
         return rec
 
 

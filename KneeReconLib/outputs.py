@@ -49,6 +49,7 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "volumes_ml": {k: round(v, 3) for k, v in rec.volumes_ml.items()},
         "timings_s": {k: round(v, 4) for k, v in {**rec.timings_s, **(extra_timings or {})}.items()},
         "device": rec.device,
+        "precision": getattr(rec, "precision", None),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "notes": rec.notes,
         "disclaimer": "Research tool, not a medical device; not validated on clinical radiographs.",

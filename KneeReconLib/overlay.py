@@ -14,9 +14,14 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.nd
     """Silhouette of a 3D mask on `view`'s detector pixels (works for parallel and cone beam):
     voxel centres are projected by the contract's geometry, then gaps are closed."""
     out = np.zeros((view.height, view.width), bool)
-    k, j, i = np.nonzero(mask)
-    if len(k) == 0:
+    # every ray through the solid crosses its boundary, so splatting the boundary voxels and
+    # filling holes gives the same silhouette as splatting all of them, at a fraction of the cost
+    box = ndimage.find_objects(mask.astype(np.uint8, copy=False))
+    if not box or box[0] is None:
         return out
+    sub = np.pad(mask[box[0]], 1)
+    k, j, i = np.nonzero(sub & ~ndimage.binary_erosion(sub))
+    k, j, i = (a + s.start - 1 for a, s in zip((k, j, i), box[0]))
     x, y, z = grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1], grid.origin[2] + k * grid.spacing[2]
     # splat the voxel's footprint: corners of a half-voxel cross, enough for pixel-level silhouettes
     iso = view.iso_spacing

@@ -1,12 +1,16 @@
 """Reconstruction speed and memory on this machine (issue 8). Prints figures; run:
-    python bench/bench_inference.py [--threads N] [--repeats R]
-Network forward at the full 128^3 grid in several modes side by side (fp32 eager, channels-last,
-bf16 autocast + channels-last), their voxel agreement with the fp32 reference, then the whole
-`kneerecon reconstruct` path from files to written outputs, and peak resident memory."""
+    python bench/bench_inference.py [--threads N] [--repeats R] [--compile] [--test-dice DIR]
+Network forward at the full 128^3 grid in several modes side by side against the fp32 eager
+reference (voxel agreement of the label maps with it), then the whole `kneerecon reconstruct`
+path from files to written outputs, and peak resident memory. --compile adds torch.compile
+(Inductor, slow to build); --test-dice DIR evaluates the test set with the default path and
+in fp32 to check that the fast path leaves Dice unchanged."""
 import argparse
+import copy
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from KneeReconLib.backprojection import backproject  # noqa: E402
 from KneeReconLib.checkpoint import load_model  # noqa: E402
 from KneeReconLib.geometry import ReconGrid  # noqa: E402
-from KneeReconLib.inference import DEFAULT_MODEL, reconstruct  # noqa: E402
+from KneeReconLib.inference import DEFAULT_MODEL, Reconstructor, cpu_has_fast_bf16, reconstruct  # noqa: E402
+from KneeReconLib.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.network import fold_batchnorm  # noqa: E402
 from KneeReconLib.outputs import write_outputs  # noqa: E402
 from KneeReconLib.preprocessing import normalize_intensity  # noqa: E402
 from KneeReconLib.xray_io import XRay, read_xray  # noqa: E402
@@ -30,11 +36,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (Inductor)")
+    ap.add_argument("--test-dice", metavar="DIR", help="cached test cases: Dice of the default path vs fp32")
+    ap.add_argument("--end-to-end", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.end_to_end:
+        return end_to_end()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, bf16 CPU support: {torch.backends.mkldnn.is_available()}")
+          f"{torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}")
     xa = read_xray(os.path.join(SAMPLE, "ap.nrrd"), "ap")
     xl = read_xray(os.path.join(SAMPLE, "lateral.nrrd"), "lateral")
     grid = ReconGrid.from_views(xa.geometry, xl.geometry, 128)
@@ -52,32 +63,63 @@ def main():
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts)), out
 
+    def autocast_bf16(m, inp):
+        def f():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return m(inp).argmax(1)[0].numpy()
+        return f
+
     with torch.inference_mode():
-        modes["fp32 eager"] = timeit(lambda: net(x).argmax(1)[0].numpy())
-        net_cl = net.to(memory_format=torch.channels_last_3d)
+        modes["fp32 eager (reference)"] = timeit(lambda: net(x).argmax(1)[0].numpy())
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last_3d)
         x_cl = x.contiguous(memory_format=torch.channels_last_3d)
         modes["fp32 channels-last"] = timeit(lambda: net_cl(x_cl).argmax(1)[0].numpy())
-
-        def bf16():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return net_cl(x_cl).argmax(1)[0].numpy()
-        modes["bf16 autocast + channels-last (default)"] = timeit(bf16)
-    ref = modes["fp32 eager"][1]
-    print(f"{'network forward, 128^3':45s} {'median s':>9s} {'agree w/ fp32':>14s}")
+        modes["bf16 autocast + channels-last"] = timeit(autocast_bf16(net_cl, x_cl))
+        folded = fold_batchnorm(net).to(memory_format=torch.channels_last_3d)
+        modes["BN folded, fp32 channels-last"] = timeit(lambda: folded(x_cl).argmax(1)[0].numpy())
+        modes["BN folded, bf16 autocast + channels-last"] = timeit(autocast_bf16(folded, x_cl))
+        rec = Reconstructor()  # what `kneerecon reconstruct` runs
+        modes[f"default path: {rec.precision}"] = timeit(lambda: rec.predict(vol))
+        if a.compile:
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+            t0 = time.perf_counter()
+            comp = torch.compile(copy.deepcopy(rec.net))
+            xb = x_cl.to(rec.dtype)
+            comp(xb)
+            print(f"torch.compile build: {time.perf_counter() - t0:.1f} s")
+            modes["default path under torch.compile (Inductor, freezing)"] = timeit(lambda: comp(xb).argmax(1)[0].numpy())
+    ref = modes["fp32 eager (reference)"][1]
+    print(f"{'network forward, 128^3':60s} {'median s':>9s} {'agree w/ fp32':>14s}")
     for k, (t, out) in modes.items():
-        print(f"{k:45s} {t:9.3f} {100 * (out == ref).mean():13.3f}%")
+        print(f"{k:60s} {t:9.3f} {100 * (out == ref).mean():13.3f}%")
 
+    # end to end in a fresh process (so its peak memory is that of a reconstruction alone)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--end-to-end"] + (["--threads", str(a.threads)] if a.threads else []),
+                       capture_output=True, text=True, check=True)
+    print(r.stdout.strip())
+    if a.test_dice:
+        from KneeReconLib.evaluate import evaluate_model
+        fast = evaluate_model(None, [a.test_dice], log=lambda m: None)["summary"]
+        ref32 = evaluate_model(None, [a.test_dice], log=lambda m: None, amp=False)["summary"]
+        print("test-set Dice, default path vs fp32: " + ", ".join(
+            f"{b} {fast[f'dice_{b}']['mean']:.4f} vs {ref32[f'dice_{b}']['mean']:.4f}" for b in BONE_NAMES))
+
+
+def end_to_end(repeats: int = 3) -> None:
+    """Files in to the 8 output files written, model loading included; interpreter start-up and
+    imports excluded."""
     with tempfile.TemporaryDirectory() as d:
         ts = []
-        for i in range(3):
+        for i in range(repeats):
             t0 = time.perf_counter()
             rec = reconstruct(os.path.join(SAMPLE, "ap.nrrd"), os.path.join(SAMPLE, "lateral.nrrd"), side="left")
-            write_outputs(rec, os.path.join(d, f"o{i}"))
+            report = write_outputs(rec, os.path.join(d, f"o{i}"))
             ts.append(time.perf_counter() - t0)
-        print(f"end to end (read, load model, back-project, network, clean-up, surfaces, write 8 files): "
-              f"median {np.median(ts):.2f} s; stages of the last run: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in rec.timings_s.items()))
-    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"end to end (read, load model, back-project, network, clean-up, surfaces, write 8 files): "
+          f"median {np.median(ts):.3f} s over {repeats}; stages of the last run: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in report["timings_s"].items()))
+    print(f"peak resident memory of that process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":
