@@ -45,7 +45,9 @@ def project_parallel(volume: torch.Tensor, spacing: tuple[float, float, float]) 
 def project_cone(volume: torch.Tensor, grid: ReconGrid, view: ViewGeometry, n_samples: int = 256,
                  rows_per_chunk: int | None = None) -> torch.Tensor:
     """Cone-beam line integrals of volume[B, z, y, x] (on `grid`) onto `view`'s detector by ray
-    marching with trilinear sampling. Returns [B, height, width]."""
+    marching with trilinear sampling (n_samples per ray over the grid's bounding sphere).
+    `project_cone_planes` computes the same integrals faster; this one is its reference.
+    Returns [B, height, width]."""
     if not view.cone:
         raise ValueError("project_cone needs a view with SID and SOD")
     dev, dt = volume.device, volume.dtype
@@ -83,6 +85,56 @@ def project_cone(volume: torch.Tensor, grid: ReconGrid, view: ViewGeometry, n_sa
     return torch.cat(out, dim=1)
 
 
+def project_cone_planes(volume: torch.Tensor, grid: ReconGrid, view: ViewGeometry, planes_per_chunk: int = 32) -> torch.Tensor:
+    """Cone-beam line integrals of volume[B, z, y, x] onto `view`'s detector by Joseph's method:
+    each ray is sampled where it crosses each volume plane perpendicular to the central beam
+    (one sample per plane, bilinear within the plane). With the source on the central axis and
+    the detector perpendicular to it, a ray's crossing of plane j is the detector position
+    scaled by one factor t_j, so the row and column coordinates separate: each plane costs two
+    1-D gathers and lerps instead of a 3-D trilinear lookup per sample. Differentiable with
+    respect to the volume. Returns [B, height, width]."""
+    if not view.cone:
+        raise ValueError("project_cone_planes needs a view with SID and SOD")
+    dev, dt = volume.device, volume.dtype
+    B = volume.shape[0]
+    H, W = view.height, view.width
+    if view.view == "ap":  # planes y = const, image columns along x
+        vol = volume.permute(0, 2, 1, 3)  # [B, ny, nz, nx]
+        pa, ha, sign = 1, 0, 1.0
+    else:  # planes x = const, columns along y; source on the lateral side of the given knee
+        vol = volume.permute(0, 3, 1, 2)  # [B, nx, nz, ny]
+        pa, ha, sign = 0, 1, (1.0 if view.side == "right" else -1.0)
+    # two zero voxels of padding on each side: rays that leave the grid read zeros
+    vol = F.pad(vol, (2, 2, 2, 2))
+    n_p, nz, nh = vol.shape[1], vol.shape[2] - 4, vol.shape[3] - 4
+    u, v = view.pixel_to_detector(np.arange(W), np.arange(H))
+    u = torch.as_tensor(u, dtype=dt, device=dev)
+    v = torch.as_tensor(v, dtype=dt, device=dev)
+    coord = grid.origin[pa] + torch.arange(n_p, dtype=dt, device=dev) * grid.spacing[pa]
+    t = (sign * coord + view.sod) / view.sid  # [P] scale from the detector to plane j
+
+    def index(f, n):  # continuous voxel index -> (lower padded index, weight); outside -> zeros
+        f = f.clamp(-1.5, n + 0.5)
+        i0 = torch.floor(f)
+        return i0.long() + 2, (f - i0)
+
+    iz, wz = index((v[None, :] * t[:, None] - grid.origin[2]) / grid.spacing[2], nz)  # [P, H]
+    ih, wh = index((u[None, :] * t[:, None] - grid.origin[ha]) / grid.spacing[ha], nh)  # [P, W]
+    # path length between consecutive planes along each pixel's ray
+    step = grid.spacing[pa] * torch.sqrt(u[None, :] ** 2 + v[:, None] ** 2 + view.sid**2) / view.sid  # [H, W]
+    out = torch.zeros(B, H, W, dtype=dt, device=dev)
+    for j0 in range(0, n_p, planes_per_chunk):
+        j = slice(j0, min(n_p, j0 + planes_per_chunk))
+        vc = vol[:, j]  # [B, p, nz+4, nh+4]
+        p = vc.shape[1]
+        jj = torch.arange(p, device=dev)[:, None]
+        rows = vc[:, jj, iz[j]] * (1 - wz[j])[None, :, :, None] + vc[:, jj, iz[j] + 1] * wz[j][None, :, :, None]  # [B, p, H, nh+4]
+        idx = ih[j][None, :, None, :].expand(B, p, H, W)
+        out = out + (torch.gather(rows, 3, idx) * (1 - wh[j])[None, :, None, :]
+                     + torch.gather(rows, 3, idx + 1) * wh[j][None, :, None, :]).sum(1)
+    return out * step
+
+
 @dataclass
 class DRRConfig:
     """How `render_drr` images a CT that is already in the knee frame (`frame.to_knee_frame`)."""
@@ -92,6 +144,7 @@ class DRRConfig:
     sid: float | None = None
     sod: float | None = None
     side: str = "right"
+    method: str = "planes"  # "planes": Joseph's method, one sample per CT plane; "raymarch": n_samples per ray
     n_samples: int = 384
 
 
@@ -118,7 +171,12 @@ def render_drr(ct: sitk.Image, config: DRRConfig | None = None, device: str = "c
             H = int(round(n[ha] * sp[ha] / iso_px))
         geom = ViewGeometry(view, W, H, (det_px, det_px), config.sid, config.sod, config.side)
         if cone:
-            img = project_cone(mu[None], grid, geom, config.n_samples)[0]
+            if config.method == "planes":
+                img = project_cone_planes(mu[None], grid, geom)[0]
+            elif config.method == "raymarch":
+                img = project_cone(mu[None], grid, geom, config.n_samples)[0]
+            else:
+                raise ValueError(f"unknown cone-beam method {config.method!r}")
         else:
             img = _parallel_on_detector(mu, grid, geom)
         out[view] = (img.cpu().numpy().astype(np.float32), geom)
