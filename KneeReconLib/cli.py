@@ -32,7 +32,8 @@ def cmd_reconstruct(a) -> int:
     check_output_folder(a.output, a.force)  # fail before any work
     t0 = time.perf_counter()
     rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
-                      model=a.model, device=a.device, progress=_progress_printer())
+                      model=a.model, device=a.device, progress=_progress_printer(),
+                      height_offset=_height_offset_arg(a.height_offset))
     report = write_outputs(rec, a.output, a.force)
     total = time.perf_counter() - t0
     vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())
@@ -42,6 +43,15 @@ def cmd_reconstruct(a) -> int:
     for n in report["notes"]:
         print(f"note: {n}")
     return 0
+
+
+def _height_offset_arg(text: str):
+    if text in ("auto", "none"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise KneeReconError(f"--height-offset must be 'auto', 'none' or a number of mm, got {text!r}")
 
 
 def cmd_reconstruct_batch(a) -> int:
@@ -167,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model file (default: the bundled model)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     r.add_argument("--force", action="store_true", help="replace an existing output folder")
+    r.add_argument("--height-offset", default="auto", metavar="auto|none|MM",
+                   help="vertical offset of the lateral view against the AP: estimated from the images and corrected "
+                        "(auto, default), not corrected (none), or this many mm (positive: lateral content higher)")
     r.set_defaults(func=cmd_reconstruct)
 
     rb = sub.add_parser("reconstruct-batch", help="reconstruct many X-ray pairs listed in a CSV manifest (resumable)",

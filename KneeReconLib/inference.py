@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .alignment import estimate_height_offset
 from .backprojection import backproject
 from .checkpoint import load_model
 from .errors import KneeReconError
@@ -123,7 +124,11 @@ class Reconstructor:
 
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
-            cancel: Callable[[], bool] | None = None) -> Reconstruction:
+            cancel: Callable[[], bool] | None = None, height_offset: float | str | None = "auto") -> Reconstruction:
+        """Reconstruct one pair. `height_offset`: "auto" estimates the lateral view's vertical
+        displacement against the AP from the images and corrects it (when the estimate is
+        reliable); a number (mm, positive = lateral content higher) corrects that much;
+        None or "none" corrects nothing."""
         progress = progress or (lambda f, m: None)
         t = {}
         side = side or ap.geometry.side
@@ -143,8 +148,23 @@ class Reconstructor:
         if size % div:
             raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
         grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
+        notes: list[str] = []
+        offset = {"mode": "none", "applied_mm": 0.0}
+        if height_offset == "auto":
+            est = estimate_height_offset(ap, lateral)
+            offset = {"mode": "auto", "estimated_mm": round(est.offset_mm, 3), "correlation": round(est.correlation, 3),
+                      "applied_mm": round(est.offset_mm, 3) if est.reliable else 0.0}
+            if not est.reliable:
+                notes.append("the height offset between the views could not be estimated reliably (row profiles do not "
+                             "match); none was corrected - check that both images show the same knee at the same scale")
+        elif height_offset not in (None, "none"):
+            try:
+                offset = {"mode": "given", "applied_mm": float(height_offset)}
+            except (TypeError, ValueError):
+                raise KneeReconError(f"height offset must be 'auto', 'none' or a number of mm, got {height_offset!r}")
         vol = backproject(XRay(normalize_intensity(ap.pixels), ap.geometry),
-                          XRay(normalize_intensity(lateral.pixels), lateral.geometry), grid)
+                          XRay(normalize_intensity(lateral.pixels), lateral.geometry), grid,
+                          lateral_offset_mm=-offset["applied_mm"])
         t["backprojection"] = time.perf_counter() - t0
         check(0.2, "running the network")
         t0 = time.perf_counter()
@@ -156,7 +176,7 @@ class Reconstructor:
         t["postprocess"] = time.perf_counter() - t0
         vox_ml = float(np.prod(grid.spacing)) / 1000.0
         volumes = {b.name: float((lab == b.value).sum() * vox_ml) for b in BONES}
-        notes = [f"no {n} found in the reconstruction" for n, v in volumes.items() if v == 0]
+        notes += [f"no {n} found in the reconstruction" for n, v in volumes.items() if v == 0]
         seen = detect_side(lab, grid)
         if seen and seen != side:
             notes.append(f"the reconstructed fibula lies on the {seen} knee's lateral side, but the side given is "
@@ -178,12 +198,13 @@ class Reconstructor:
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, ap, lateral, side, self.device, notes)
         rec.detected_side = seen
         rec.precision = self.precision
+        rec.height_offset = offset
         return rec
 
 
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
-                progress=None, cancel=None, surfaces: bool = True) -> Reconstruction:
+                progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto") -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
     t0 = time.perf_counter()
     side_ = side or "right"
@@ -195,12 +216,12 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
     t0 = time.perf_counter()
     rec = Reconstructor(model, device)
     t_load = time.perf_counter() - t0
-    out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel)
+    out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
     if side is None:
         seen = out.detected_side
         if seen and seen != side_:
             if ap.geometry.cone or lateral.geometry.cone:  # the lateral source side changes the geometry: redo
-                out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel)
+                out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
             else:
                 out.side = seen
         out.notes = [n for n in out.notes if "but the side given" not in n]

@@ -103,3 +103,7 @@ def test_bad_geometry_options(capsys, tmp_path):
     code, err = _run(capsys, "reconstruct", "--ap", AP, "--lateral", LAT, "--output", str(tmp_path / "o"),
                      "--sid", "500", "--sod", "900")
     assert code == 2 and "SOD < SID" in err
+    code, err = _run(capsys, "reconstruct", "--ap", AP, "--lateral", LAT, "--output", str(tmp_path / "o"),
+                     "--height-offset", "up")
+    assert code == 2 and "--height-offset" in err
+    _no_leftovers(str(tmp_path / "o"))
