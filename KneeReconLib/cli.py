@@ -140,6 +140,19 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_evaluate_2d(a) -> int:
+    from .evaluate2d import evaluate_2d, format_table_2d
+    from .fileio import atomic_path
+
+    res = evaluate_2d(a.masks, a.model, a.device, _height_offset_arg(a.height_offset))
+    print(format_table_2d(res))
+    if a.output:
+        os.makedirs(a.output, exist_ok=True)
+        with atomic_path(os.path.join(a.output, "evaluation_2d.json")) as tmp, open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from .evaluate import evaluate_files, evaluate_model, print_table
 
@@ -267,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)
+
+    e2 = sub.add_parser("evaluate-2d", help="project reconstructions onto each X-ray and compare with 2D bone masks "
+                                            "(2D Dice and Chamfer per bone, the paper's real-radiograph protocol)")
+    e2.add_argument("--masks", required=True, metavar="DIR",
+                    help="a case folder, or a folder of them: ap.*, lateral.*, ap_mask_<bone>.* and lateral_mask_<bone>.* "
+                         "(or one label image per view: ap_mask.*, lateral_mask.*), optional meta.json with side")
+    e2.add_argument("--model", help="model file (default: the bundled model)")
+    e2.add_argument("--height-offset", default="auto", metavar="auto|none|MM")
+    e2.add_argument("--output", help="folder for evaluation_2d.json")
+    e2.add_argument("--device", default="cpu")
+    e2.set_defaults(func=cmd_evaluate_2d)
     return p
 
 
