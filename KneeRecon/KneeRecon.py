@@ -62,6 +62,7 @@ class KneeReconParameterNode:
     side: Annotated[str, Choice(["right", "left"])] = "right"
     pixelSpacing: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0: use the images' own spacing
     coneBeam: bool = False
+    correctHeightOffset: bool = True
     sid: Annotated[float, WithinRange(100.0, 5000.0)] = 1100.0
     sod: Annotated[float, WithinRange(50.0, 5000.0)] = 1000.0
     modelPath: str = ""  # empty: the bundled model
@@ -171,7 +172,8 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.apVolume, p.lateralVolume, side=p.side, pixelSpacing=p.pixelSpacing or None,
                         sid=p.sid if p.coneBeam else None, sod=p.sod if p.coneBeam else None,
                         modelPath=p.modelPath or None, device=p.device, segmentationNode=p.outputSegmentation,
-                        createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested)
+                        createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested,
+                        heightOffset="auto" if p.correctHeightOffset else "none")
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
                     return
@@ -180,8 +182,13 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.showForReview(rec, p.apVolume, p.lateralVolume, seg)
                 vols = ", ".join(f"{k} {v:.0f} ml" for k, v in rec.volumes_ml.items())
                 times = ", ".join(f"{k} {v:.2f} s" for k, v in rec.timings_s.items())
-                self.ui.statusLabel.text = _("Done in {t:.1f} s ({times}). Volumes: {vols}.").format(
-                    t=time.time() - t0, times=times, vols=vols)
+                status = _("Done in {t:.1f} s ({times}). Volumes: {vols}.").format(t=time.time() - t0, times=times, vols=vols)
+                offset = getattr(rec, "height_offset", {}) or {}
+                if offset.get("applied_mm"):
+                    status += " " + _("Height offset corrected: {mm:.1f} mm.").format(mm=offset["applied_mm"])
+                if rec.notes:
+                    status += " " + " ".join(rec.notes)
+                self.ui.statusLabel.text = status
         finally:
             self._running = False
             self.ui.cancelButton.enabled = False

@@ -68,7 +68,7 @@ class KneeReconMRMLLogic:
     def reconstruct(self, apNode, lateralNode, side: str = "right", pixelSpacing: float | None = None,
                     sid: float | None = None, sod: float | None = None, modelPath: str | None = None,
                     device: str = "cpu", segmentationNode=None, createModels: bool = True,
-                    progress=None, cancel=None):
+                    progress=None, cancel=None, heightOffset="auto"):
         """Run KneeRecon and put the result into the scene. Returns the segmentation node; the
         full `Reconstruction` is kept in `self.lastReconstruction`."""
         from KneeReconLib.inference import Reconstructor, pick_device
@@ -76,7 +76,8 @@ class KneeReconMRMLLogic:
         ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
         rec = Reconstructor(modelPath, pick_device(device)).run(ap, lat, side, surfaces=createModels,
-                                                               progress=progress, cancel=cancel)
+                                                               progress=progress, cancel=cancel,
+                                                               height_offset=heightOffset)
         self.lastReconstruction = rec
         seg = self.segmentationFromReconstruction(rec, segmentationNode,
                                                   name=f"KneeRecon {side} knee")
