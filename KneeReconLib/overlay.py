@@ -11,10 +11,17 @@ from .preprocessing import normalize_intensity
 
 
 def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.ndarray:
-    """Silhouette of a 3D mask on `view`'s detector pixels (works for parallel and cone beam):
-    voxel centres are projected by the contract's geometry, then gaps are closed."""
+    """Silhouette of a 3D mask on `view`'s detector pixels. Parallel beam: the mask's projection
+    along the beam, sampled at each pixel centre. Cone beam: the mask's boundary voxels are
+    projected by the contract's geometry (a splat of each voxel's footprint), then gaps closed."""
     out = np.zeros((view.height, view.width), bool)
-    # every ray through the solid crosses its boundary, so splatting the boundary voxels and
+    if not view.cone:  # parallel beam: the silhouette on the grid's plane, sampled at the pixel centres
+        a = 0 if view.view == "ap" else 1
+        plane = mask.any(axis=1 if a == 0 else 2).astype(np.float32)  # [nz, nx] (AP) or [nz, ny]
+        u, v = view.pixel_to_detector(np.arange(view.width), np.arange(view.height))
+        kk, ii = np.meshgrid((v - grid.origin[2]) / grid.spacing[2], (u - grid.origin[a]) / grid.spacing[a], indexing="ij")
+        return ndimage.map_coordinates(plane, [kk, ii], order=1, mode="constant", cval=0.0) >= 0.5
+    # cone beam: every ray through the solid crosses its boundary, so splatting the boundary voxels and
     # filling holes gives the same silhouette as splatting all of them, at a fraction of the cost
     box = ndimage.find_objects(mask.astype(np.uint8, copy=False))
     if not box or box[0] is None:
@@ -33,7 +40,9 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.nd
             dx = du * grid.spacing[0] if a == 0 else 0.0
             dy = du * grid.spacing[1] if a == 1 else 0.0
             c, r = view.project(x + dx, y + dy, z + dz * grid.spacing[2])
-            c, r = np.rint(c).astype(int), np.rint(r).astype(int)
+            # floor(x + 0.5), not rint: round-half-to-even leaves every other pixel empty when voxel
+            # edges fall on half pixels (even widths, half-voxel pixels)
+            c, r = np.floor(c + 0.5).astype(int), np.floor(r + 0.5).astype(int)
             ok = (c >= 0) & (c < view.width) & (r >= 0) & (r < view.height)
             out[r[ok], c[ok]] = True
     return ndimage.binary_fill_holes(ndimage.binary_closing(out, iterations=1))

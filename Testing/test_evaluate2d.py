@@ -78,3 +78,21 @@ def test_evaluate_2d_cli_errors(tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 10), np.uint8)), str(tmp_path / "ap_mask_femur.nrrd"))
     assert main(["evaluate-2d", "--masks", str(tmp_path)]) == 2
     assert "drawn on the X-ray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("det,pix", [(64, 1.0), (64, 0.5), (200, 0.75)])
+def test_silhouette_area_of_a_cube(det, pix):
+    """A 32 mm cube projects to 32 x 32 mm whatever the pixel size (no rounding holes)."""
+    grid = ReconGrid.centered((64, 64, 64), (64, 64, 64))
+    m = np.zeros(grid.shape, bool)
+    m[16:48, 16:48, 16:48] = True
+    from KneeReconLib.geometry import ViewGeometry
+    for view in ("ap", "lateral"):
+        s = project_mask(m, grid, ViewGeometry(view, det, det, (pix, pix)))
+        assert s.sum() * pix * pix == pytest.approx(1024, rel=0.06)
+        assert not ndimage_holes(s)
+
+
+def ndimage_holes(mask):
+    from scipy import ndimage
+    return bool((ndimage.binary_fill_holes(mask) & ~mask).any())
