@@ -18,7 +18,7 @@ from .errors import KneeReconError
 from .geometry import ReconGrid
 from .labels import BONES
 from .network import fold_batchnorm
-from .preprocessing import normalize_intensity
+from .preprocessing import collimated_border, fill_collimation, normalize_intensity
 from .surfaces import bone_surface, clean_labels
 from .xray_io import XRay, read_xray, with_side
 
@@ -149,6 +149,17 @@ class Reconstructor:
             raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
         grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
         notes: list[str] = []
+        # collimator shadows (flat white bands at the edges) are not anatomy: the exposed field's
+        # edges are continued over them, as the network saw image edges in training
+        views, shown = {}, (ap, lateral)  # the overlay shows the images as given
+        for name, x in (("AP", ap), ("lateral", lateral)):
+            border = collimated_border(x.pixels)
+            if any(border):
+                x = XRay(fill_collimation(x.pixels, border), x.geometry, x.info)
+                notes.append(f"{name} view: collimator borders found (top, bottom, left, right = {border} px) and "
+                             "replaced by the exposed field's edges")
+            views[name] = x
+        ap, lateral = views["AP"], views["lateral"]
         offset = {"mode": "none", "applied_mm": 0.0}
         if height_offset == "auto":
             est = estimate_height_offset(ap, lateral)
@@ -195,7 +206,7 @@ class Reconstructor:
             surf = {b.name: surf[b.name] for b in BONES}
             t["surfaces"] = time.perf_counter() - t0
         progress(1.0, "done")
-        rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, ap, lateral, side, self.device, notes)
+        rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
         rec.detected_side = seen
         rec.precision = self.precision
         rec.height_offset = offset
