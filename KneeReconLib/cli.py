@@ -133,6 +133,7 @@ def cmd_train(a) -> int:
                       ema_decay=a.ema)
     if a.crop_z:
         cfg.crop = (a.crop_z, cfg.grid_size, cfg.grid_size)
+    cfg.augment["realism_p"] = a.realism_p
     if not a.data and not a.phantoms_on_the_fly:
         raise KneeReconError("give --data FOLDER (cached cases, see `kneerecon cache`) or --phantoms-on-the-fly")
     path = train(cfg, resume=a.resume, log=lambda m: print(m, flush=True), stop_at=a.stop_at)
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--slab-p", type=float, default=0.0,
                    help="fraction of steps on full-x/y slabs of --slab-depth (whole rays, NGCC applies) instead of --crop")
     t.add_argument("--slab-depth", type=int, default=32)
+    t.add_argument("--realism-p", type=float, default=0.0,
+                   help="fraction of views passed through the radiograph simulator (docs/realism.md) instead of the "
+                        "simple intensity augmentation, for robustness to real radiographs")
     t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights, e.g. 0.999 (0 = off); model.pt uses the average")
     t.add_argument("--ngcc-lambda", type=float, default=0.0,
                    help="weight of the NGCC projection loss (active when crops span whole rays: --crop 0 or --crop-z)")

@@ -188,6 +188,8 @@ class AugmentConfig:
     offset_mm: float = 3.0  # lateral view shifted vertically against the AP (patient motion)
     shift_mm: float = 4.0  # both views shifted together (isocentre misplacement)
     background_p: float = 0.3  # additive smooth background ramp (heel effect, scatter)
+    realism_p: float = 0.0  # per view: the radiograph simulator (realism.py) instead of the simple changes above;
+    # its collimator shadows are filled the way inference fills them
 
 
 def _augment_image(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
@@ -214,6 +216,17 @@ def _augment_image(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
     return a * rng.uniform(0.3, 3.0) + rng.uniform(-0.2, 0.2)  # exposure/level: normalisation must undo it
 
 
+def _realistic(line_integrals: np.ndarray, geom: ViewGeometry, rng: np.random.Generator) -> np.ndarray:
+    """A radiograph-like version of a DRR view, preprocessed as `Reconstructor.run` preprocesses."""
+    from .preprocessing import collimated_border, fill_collimation
+    from .realism import RealismConfig, simulate_radiograph
+
+    img, _ = simulate_radiograph(line_integrals, geom.iso_spacing, rng, RealismConfig())
+    img = img.astype(np.float32)
+    border = collimated_border(img)
+    return fill_collimation(img, border) if any(border) else img
+
+
 def make_sample(case: Case, rng: np.random.Generator | None = None, aug: AugmentConfig | None = None):
     """(input[2, z, y, x] float32, labels[z, y, x] int64 as uint8) for the network."""
     aug = aug or AugmentConfig(enabled=False)
@@ -222,7 +235,8 @@ def make_sample(case: Case, rng: np.random.Generator | None = None, aug: Augment
     dz = dx = dy = 0.0
     if aug.enabled:
         rng = rng or np.random.default_rng()
-        ap, lat = _augment_image(ap, rng, aug), _augment_image(lat, rng, aug)
+        ap, lat = (_realistic(img, g, rng) if rng.random() < aug.realism_p else _augment_image(img, rng, aug)
+                   for img, g in ((ap, ga), (lat, gl)))
         if rng.random() < aug.mirror_p:
             ap = ap[:, ::-1]
             labels = labels[:, :, ::-1]

@@ -59,3 +59,20 @@ def test_mirroring_keeps_labels_consistent():
     side = case.meta["side"]
     fib = np.nonzero(y == 4)[2].mean() - np.nonzero(y == 3)[2].mean()
     assert (fib > 0) == (side == "right")  # mirrored: the fibula moves to the other side
+
+
+def test_realism_augmentation_makes_radiograph_like_inputs():
+    """With realism_p = 1 both views go through the simulator (noise, scatter, collimation filled):
+    the input differs from the clean one but keeps the bones where they were."""
+    from KneeReconLib.dataset import AugmentConfig, make_sample, phantom_case
+
+    case = phantom_case(1000123, grid_size=32)
+    clean, lab = make_sample(case)
+    aug = AugmentConfig(realism_p=1.0, mirror_p=0.0, offset_mm=0.0, shift_mm=0.0)
+    real, lab2 = make_sample(case, np.random.default_rng(3), aug)
+    assert real.shape == clean.shape and np.isfinite(real).all()
+    assert (lab2 == lab).all()
+    assert np.abs(real - clean).mean() > 0.01
+    bone, soft = lab > 0, lab == 0
+    for ch in (0, 1):  # bone still brighter than its surroundings in both views
+        assert real[ch][bone].mean() > real[ch][soft].mean()
