@@ -55,6 +55,9 @@ def load_model(path: str, device: str = "cpu") -> tuple[UNet3D, dict]:
     """(network in eval mode, card) from a model file."""
     blob = read_model_file(path)
     card = blob["card"]
+    if card.get("kind", "reconstruction") != "reconstruction":
+        raise KneeReconError(f"{path!r} is a {card.get('kind')} model, not a reconstruction model "
+                             "(a style model goes to --style)")
     try:
         with torch.device("meta"):  # no random initialisation: every tensor comes from the file
             net = UNet3D(UNetConfig.from_dict(card["architecture"]))

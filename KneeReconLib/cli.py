@@ -33,7 +33,7 @@ def cmd_reconstruct(a) -> int:
     t0 = time.perf_counter()
     rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
                       model=a.model, device=a.device, progress=_progress_printer(),
-                      height_offset=_height_offset_arg(a.height_offset))
+                      height_offset=_height_offset_arg(a.height_offset), style=a.style)
     report = write_outputs(rec, a.output, a.force)
     total = time.perf_counter() - t0
     vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())
@@ -141,6 +141,17 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_train_style(a) -> int:
+    from .style import StyleConfig, train_style
+
+    cfg = StyleConfig(real=a.real, drr=a.drr, out=a.output, steps=a.steps, crop=a.crop, pixel_mm=a.pixel_mm,
+                      base=a.base, res_blocks=a.res_blocks, device=a.device, seed=a.seed, threads=a.threads,
+                      ckpt_every=a.ckpt_every, log_every=a.log_every)
+    path = train_style(cfg, resume=a.resume, log=lambda m: print(m, flush=True))
+    print(f"style model written to {path}")
+    return 0
+
+
 def cmd_evaluate_2d(a) -> int:
     from .evaluate2d import evaluate_2d, format_table_2d
     from .fileio import atomic_path
@@ -191,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model file (default: the bundled model)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     r.add_argument("--force", action="store_true", help="replace an existing output folder")
+    r.add_argument("--style", metavar="MODEL", help="style model (kneerecon train-style): translate real radiographs to "
+                                                    "DRR style before reconstructing")
     r.add_argument("--height-offset", default="auto", metavar="auto|none|MM",
                    help="vertical offset of the lateral view against the AP: estimated from the images and corrected "
                         "(auto, default), not corrected (none), or this many mm (positive: lateral content higher)")
@@ -284,6 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)
+
+    ts = sub.add_parser("train-style", help="train the real-radiograph -> DRR style transfer (CycleGAN, unpaired)")
+    ts.add_argument("--real", nargs="+", required=True, help="folders of real (or real-like) X-ray files")
+    ts.add_argument("--drr", nargs="+", required=True, help="folders of DRR files or cached cases (.npz)")
+    ts.add_argument("--output", required=True)
+    ts.add_argument("--steps", type=int, default=2000)
+    ts.add_argument("--crop", type=int, default=128)
+    ts.add_argument("--pixel-mm", type=float, default=1.0)
+    ts.add_argument("--base", type=int, default=16)
+    ts.add_argument("--res-blocks", type=int, default=4)
+    ts.add_argument("--device", default="cpu")
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--threads", type=int, default=0)
+    ts.add_argument("--ckpt-every", type=int, default=200)
+    ts.add_argument("--log-every", type=int, default=20)
+    ts.add_argument("--resume", action="store_true")
+    ts.set_defaults(func=cmd_train_style)
 
     e2 = sub.add_parser("evaluate-2d", help="project reconstructions onto each X-ray and compare with 2D bone masks "
                                             "(2D Dice and Chamfer per bone, the paper's real-radiograph protocol)")

@@ -83,12 +83,17 @@ def cpu_has_fast_bf16() -> bool:
 class Reconstructor:
     """Holds a loaded model; `run` reconstructs one X-ray pair."""
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True):
+    def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True, style: str | None = None):
         self.model_path = os.path.abspath(model_path or DEFAULT_MODEL)
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
         self.device = pick_device(device)
         net, self.card = load_model(self.model_path, self.device)
+        self.style = None
+        if style:  # real radiograph -> DRR translation before the network (kneerecon train-style)
+            from .style import StyleTransfer
+            self.style = StyleTransfer(style, self.device)
+            self.style_path = style
         self.divisor = net.divisor
         self.amp = amp
         # BatchNorm folded into the convolutions; on the CPU with amp, bf16 weights and activations
@@ -158,8 +163,12 @@ class Reconstructor:
                 x = XRay(fill_collimation(x.pixels, border), x.geometry, x.info)
                 notes.append(f"{name} view: collimator borders found (top, bottom, left, right = {border} px) and "
                              "replaced by the exposed field's edges")
+            if self.style is not None:
+                x = XRay(self.style(x.pixels, x.geometry.iso_spacing), x.geometry, x.info)
             views[name] = x
         ap, lateral = views["AP"], views["lateral"]
+        if self.style is not None:
+            notes.append(f"both views translated to DRR style by {os.path.basename(self.style_path)}")
         offset = {"mode": "none", "applied_mm": 0.0}
         if height_offset == "auto":
             est = estimate_height_offset(ap, lateral)
@@ -215,7 +224,8 @@ class Reconstructor:
 
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
-                progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto") -> Reconstruction:
+                progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
+                style: str | None = None) -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
     t0 = time.perf_counter()
     side_ = side or "right"
@@ -225,7 +235,7 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
         lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rec = Reconstructor(model, device)
+    rec = Reconstructor(model, device, style=style)
     t_load = time.perf_counter() - t0
     out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
     if side is None:

@@ -52,6 +52,8 @@ def bone_surface(mask: np.ndarray, grid: ReconGrid, smoothing_iterations: int = 
     # staircase; 2 voxels of padding close the surface
     m = gaussian_filter(np.pad(mask[box].astype(np.float32), 2), 0.6)
     sz, sy, sx = grid.spacing[2], grid.spacing[1], grid.spacing[0]
+    if m.max() <= 0.5:  # a sliver thinner than the blur: no surface at the half level
+        return vtk.vtkPolyData()
     verts, faces, _, _ = marching_cubes(m, 0.5, spacing=(sz, sy, sx))
     k0, j0, i0 = (s.start - 2 for s in box)
     pts = np.empty_like(verts)

@@ -116,3 +116,15 @@ def test_contract_check_knees_from_other_software(bundled_model, knee):
     dice = dice_per_class(p, t)
     assert dice[1] > 0.8 and dice[3] > 0.8, dice  # femur, tibia: frame and scale are right
     assert dice[2] > 0.4 and dice[4] > 0.4, dice  # patella, fibula: not mirrored or transposed
+
+
+def test_a_one_voxel_bone_gives_an_empty_surface_not_an_error():
+    from KneeReconLib.geometry import ReconGrid
+    from KneeReconLib.surfaces import bone_surface
+
+    grid = ReconGrid.centered((32, 32, 32), (32, 32, 32))
+    m = np.zeros(grid.shape, bool)
+    m[10, 10, 10] = True
+    assert bone_surface(m, grid).GetNumberOfPoints() == 0
+    m[8:14, 8:14, 8:14] = True
+    assert bone_surface(m, grid).GetNumberOfPoints() > 20
