@@ -162,10 +162,10 @@ class KneeReconMRMLLogic:
 
         labels = rec.labels_array()
         out = []
-        for node, view in ((apNode, rec.ap.geometry), (lateralNode, rec.lateral.geometry)):
+        for node, view, off in ((apNode, rec.ap.geometry, 0.0), (lateralNode, rec.lateral.geometry, rec.lateral_offset_mm)):
             outline = np.zeros((view.height, view.width), np.uint8)
             for b in BONES:
-                sil = project_mask(labels == b.value, rec.grid, view)
+                sil = project_mask(labels == b.value, rec.grid, view, off)
                 outline[find_boundaries(sil, mode="inner")] = b.value
             lm = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{node.GetName()} KneeRecon outline")
             lm.CopyOrientation(node)

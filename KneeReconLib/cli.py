@@ -156,7 +156,7 @@ def cmd_evaluate_2d(a) -> int:
     from .evaluate2d import evaluate_2d, format_table_2d
     from .fileio import atomic_path
 
-    res = evaluate_2d(a.masks, a.model, a.device, _height_offset_arg(a.height_offset))
+    res = evaluate_2d(a.masks, a.model, a.device, _height_offset_arg(a.height_offset), style=a.style)
     print(format_table_2d(res))
     if a.output:
         os.makedirs(a.output, exist_ok=True)
@@ -169,7 +169,7 @@ def cmd_evaluate(a) -> int:
     from .evaluate import evaluate_files, evaluate_model, print_table
 
     if a.case_dirs:
-        rows = evaluate_files(a.model, a.case_dirs, device=a.device)
+        rows = evaluate_files(a.model, a.case_dirs, device=a.device, style=a.style)
         if a.output:
             from .fileio import atomic_write_json
             atomic_write_json(rows, os.path.join(a.output, "evaluation_files.json"))
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folders with ap.*, lateral.*, truth.nii.gz (+ meta.json): reconstruct the files and compare "
                    "with the truth by physical coordinates (e.g. ../shared/contract-check/knee_a)")
     e.add_argument("--seed", type=int, default=1_000_000, help="first seed of --phantoms (test range)")
+    e.add_argument("--style", metavar="MODEL", help="with --case-dirs: translate the X-rays with this style model first")
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(or one label image per view: ap_mask.*, lateral_mask.*), optional meta.json with side")
     e2.add_argument("--model", help="model file (default: the bundled model)")
     e2.add_argument("--height-offset", default="auto", metavar="auto|none|MM")
+    e2.add_argument("--style", metavar="MODEL", help="translate the X-rays with this style model first")
     e2.add_argument("--output", help="folder for evaluation_2d.json")
     e2.add_argument("--device", default="cpu")
     e2.set_defaults(func=cmd_evaluate_2d)

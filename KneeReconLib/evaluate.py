@@ -121,7 +121,7 @@ def print_table(res: dict) -> None:
     print(format_table(res))
 
 
-def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print) -> list[dict]:
+def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print, style: str | None = None) -> list[dict]:
     """Reconstruct X-ray files and compare with a 3D truth by physical coordinates.
 
     Each folder holds ap.<ext>, lateral.<ext>, truth.nii.gz and optionally meta.json (side).
@@ -142,7 +142,7 @@ def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu",
         if os.path.exists(os.path.join(d, "meta.json")):
             side = json.load(open(os.path.join(d, "meta.json"))).get("side")
         t0 = time.perf_counter()
-        rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False)
+        rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False, style=style)
         dt = time.perf_counter() - t0
         truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
         pred = sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -156,4 +156,8 @@ def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu",
             row[f"assd_{b.name}"] = sd["assd"]
         rows.append(row)
         log(f"{row['case']} ({side}): " + " ".join(f"{b[:3]} {row[f'dice_{b}']:.3f}/{row[f'chamfer_{b}']:.2f}mm" for b in BONE_NAMES))
+    if len(rows) > 1:
+        log(f"mean over {len(rows)} cases: " + " ".join(
+            f"{b[:3]} {np.nanmean([r[f'dice_{b}'] for r in rows]):.3f}/{np.nanmean([r[f'chamfer_{b}'] for r in rows]):.2f}mm"
+            for b in BONE_NAMES))
     return rows

@@ -77,10 +77,10 @@ def evaluate_case_2d(rec, masks: dict[str, dict[str, np.ndarray]]) -> dict:
     """Per view and bone: 2D Dice and Chamfer of the reconstruction's projection vs the masks."""
     labels = rec.labels_array()
     row = {}
-    for view, xray in (("ap", rec.ap), ("lateral", rec.lateral)):
+    for view, xray, off in (("ap", rec.ap, 0.0), ("lateral", rec.lateral, rec.lateral_offset_mm)):
         for bone, truth in masks.get(view, {}).items():
             value = BONE_NAMES.index(bone) + 1
-            sil = project_mask(labels == value, rec.grid, xray.geometry)
+            sil = project_mask(labels == value, rec.grid, xray.geometry, off)
             m = metrics_2d(sil, truth, xray.geometry.iso_spacing)
             row[f"dice2d_{view}_{bone}"] = m["dice"]
             row[f"chamfer2d_{view}_{bone}"] = m["chamfer"]
@@ -100,12 +100,13 @@ def case_folders(root: str) -> list[str]:
     return cases
 
 
-def evaluate_2d(root: str, model: str | None = None, device: str = "cpu", height_offset="auto", log=print) -> dict:
+def evaluate_2d(root: str, model: str | None = None, device: str = "cpu", height_offset="auto", log=print,
+                style: str | None = None) -> dict:
     """Reconstruct every case under `root` and compare its projections with the 2D masks."""
     from .inference import Reconstructor
     from .xray_io import read_xray
 
-    rec_ = Reconstructor(model, device)
+    rec_ = Reconstructor(model, device, style=style)
     rows = []
     for folder in case_folders(root):
         meta = {}

@@ -57,6 +57,11 @@ class Reconstruction:
     notes: list = field(default_factory=list)
     detected_side: str | None = None
 
+    @property
+    def lateral_offset_mm(self) -> float:
+        """Height offset of the lateral view that the reconstruction corrected (0 if none)."""
+        return float((getattr(self, "height_offset", None) or {}).get("applied_mm", 0.0))
+
     def labels_array(self) -> np.ndarray:
         return sitk.GetArrayFromImage(self.labels)
 

@@ -75,7 +75,7 @@ def write_outputs(rec: Reconstruction, folder: str, force: bool = False) -> dict
         t["write_volumes_surfaces"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         overlay_png(rec.ap.pixels, rec.lateral.pixels, rec.labels_array(), rec.grid, rec.ap.geometry,
-                    rec.lateral.geometry, os.path.join(tmp, "overlay.png"))
+                    rec.lateral.geometry, os.path.join(tmp, "overlay.png"), lateral_offset_mm=rec.lateral_offset_mm)
         t["overlay"] = time.perf_counter() - t0
         report = report_dict(rec, t)
         with open(os.path.join(tmp, "report.json"), "w") as f:

@@ -10,16 +10,18 @@ from .labels import BONES
 from .preprocessing import normalize_intensity
 
 
-def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.ndarray:
+def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry, height_offset_mm: float = 0.0) -> np.ndarray:
     """Silhouette of a 3D mask on `view`'s detector pixels. Parallel beam: the mask's projection
     along the beam, sampled at each pixel centre. Cone beam: the mask's boundary voxels are
-    projected by the contract's geometry (a splat of each voxel's footprint), then gaps closed."""
+    projected by the contract's geometry (a splat of each voxel's footprint), then gaps closed.
+    `height_offset_mm`: the image shows the knee that much higher (the lateral view's offset
+    that the reconstruction corrected), so the silhouette moves up with it."""
     out = np.zeros((view.height, view.width), bool)
     if not view.cone:  # parallel beam: the silhouette on the grid's plane, sampled at the pixel centres
         a = 0 if view.view == "ap" else 1
         plane = mask.any(axis=1 if a == 0 else 2).astype(np.float32)  # [nz, nx] (AP) or [nz, ny]
         u, v = view.pixel_to_detector(np.arange(view.width), np.arange(view.height))
-        kk, ii = np.meshgrid((v - grid.origin[2]) / grid.spacing[2], (u - grid.origin[a]) / grid.spacing[a], indexing="ij")
+        kk, ii = np.meshgrid((v - height_offset_mm - grid.origin[2]) / grid.spacing[2], (u - grid.origin[a]) / grid.spacing[a], indexing="ij")
         return ndimage.map_coordinates(plane, [kk, ii], order=1, mode="constant", cval=0.0) >= 0.5
     # cone beam: every ray through the solid crosses its boundary, so splatting the boundary voxels and
     # filling holes gives the same silhouette as splatting all of them, at a fraction of the cost
@@ -29,7 +31,8 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.nd
     sub = np.pad(mask[box[0]], 1)
     k, j, i = np.nonzero(sub & ~ndimage.binary_erosion(sub))
     k, j, i = (a + s.start - 1 for a, s in zip((k, j, i), box[0]))
-    x, y, z = grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1], grid.origin[2] + k * grid.spacing[2]
+    x, y = grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1]
+    z = grid.origin[2] + k * grid.spacing[2] + height_offset_mm
     # splat the voxel's footprint: corners of a half-voxel cross, enough for pixel-level silhouettes
     iso = view.iso_spacing
     a = 0 if view.view == "ap" else 1
@@ -48,12 +51,13 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry) -> np.nd
     return ndimage.binary_fill_holes(ndimage.binary_closing(out, iterations=1))
 
 
-def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: ViewGeometry, thickness: int = 1) -> np.ndarray:
+def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: ViewGeometry, thickness: int = 1,
+                height_offset_mm: float = 0.0) -> np.ndarray:
     """RGB uint8 image of the X-ray with each bone's projected outline in its colour."""
     gray = (np.clip(normalize_intensity(pixels), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
     for b in BONES:
-        sil = project_mask(labels == b.value, grid, view)
+        sil = project_mask(labels == b.value, grid, view, height_offset_mm)
         edge = find_boundaries(sil, mode="inner")
         if thickness > 1:
             edge = ndimage.binary_dilation(edge, iterations=thickness - 1)
@@ -61,15 +65,17 @@ def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: V
     return rgb
 
 
-def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: str, height: int = 512) -> None:
-    """Both views side by side with outlines, scaled to `height` pixels, written to `path`."""
+def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: str, height: int = 512,
+                lateral_offset_mm: float = 0.0) -> None:
+    """Both views side by side with outlines, scaled to `height` pixels, written to `path`;
+    `lateral_offset_mm`: the lateral view's corrected height offset (outlines follow the image)."""
     from PIL import Image
 
     from .fileio import atomic_path
 
     panels = []
-    for px, v in ((ap_pixels, ap_view), (lat_pixels, lat_view)):
-        rgb = overlay_rgb(px, labels, grid, v, thickness=max(1, int(round(max(v.height, v.width) / 400))))
+    for px, v, off in ((ap_pixels, ap_view, 0.0), (lat_pixels, lat_view, lateral_offset_mm)):
+        rgb = overlay_rgb(px, labels, grid, v, thickness=max(1, int(round(max(v.height, v.width) / 400))), height_offset_mm=off)
         aspect = (v.width * v.iso_spacing[0]) / (v.height * v.iso_spacing[1])
         panels.append(Image.fromarray(rgb).resize((max(1, int(round(height * aspect))), height), Image.BILINEAR))
     w = sum(p.width for p in panels) + 8
