@@ -96,3 +96,15 @@ def test_silhouette_area_of_a_cube(det, pix):
 def ndimage_holes(mask):
     from scipy import ndimage
     return bool((ndimage.binary_fill_holes(mask) & ~mask).any())
+
+
+def test_silhouette_follows_the_height_offset():
+    from KneeReconLib.geometry import ViewGeometry
+    grid = ReconGrid.centered((64, 64, 64), (64, 64, 64))
+    m = np.zeros(grid.shape, bool)
+    m[20:40, 16:48, 16:48] = True
+    for cone in (None, (1000.0, 800.0)):
+        v = ViewGeometry("lateral", 128, 128, (0.5, 0.5), *(cone or (None, None)), side="left")
+        r0 = np.argwhere(project_mask(m, grid, v))[:, 0].mean()
+        r1 = np.argwhere(project_mask(m, grid, v, height_offset_mm=5.0))[:, 0].mean()
+        assert (r0 - r1) * v.iso_spacing[1] == pytest.approx(5.0, abs=0.6)  # up = fewer rows
