@@ -33,7 +33,7 @@ def cmd_reconstruct(a) -> int:
     t0 = time.perf_counter()
     rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
                       model=a.model, device=a.device, progress=_progress_printer(),
-                      height_offset=_height_offset_arg(a.height_offset), style=a.style)
+                      height_offset=_height_offset_arg(a.height_offset), style=a.style, tta=a.tta)
     report = write_outputs(rec, a.output, a.force)
     total = time.perf_counter() - t0
     vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())
@@ -176,7 +176,7 @@ def cmd_evaluate(a) -> int:
         if not a.data and not a.phantoms:
             return 0
 
-    res = evaluate_model(a.model, a.data, device=a.device, out_dir=a.output, phantoms=a.phantoms, seed0=a.seed)
+    res = evaluate_model(a.model, a.data, device=a.device, out_dir=a.output, phantoms=a.phantoms, seed0=a.seed, tta=a.tta)
     print_table(res)
     if a.output:
         print(f"per-case and summary results in {a.output}/ (evaluation.csv, evaluation.json)")
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model file (default: the bundled model)")
     r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     r.add_argument("--force", action="store_true", help="replace an existing output folder")
+    r.add_argument("--tta", action="store_true", help="test-time augmentation: also reconstruct the mirrored knee and "
+                                                      "average (about twice the network time)")
     r.add_argument("--style", metavar="MODEL", help="style model (kneerecon train-style): translate real radiographs to "
                                                     "DRR style before reconstructing")
     r.add_argument("--height-offset", default="auto", metavar="auto|none|MM",
@@ -294,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folders with ap.*, lateral.*, truth.nii.gz (+ meta.json): reconstruct the files and compare "
                    "with the truth by physical coordinates (e.g. ../shared/contract-check/knee_a)")
     e.add_argument("--seed", type=int, default=1_000_000, help="first seed of --phantoms (test range)")
+    e.add_argument("--tta", action="store_true", help="mirror test-time augmentation (see reconstruct --tta)")
     e.add_argument("--style", metavar="MODEL", help="with --case-dirs: translate the X-rays with this style model first")
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")

@@ -88,12 +88,14 @@ def cpu_has_fast_bf16() -> bool:
 class Reconstructor:
     """Holds a loaded model; `run` reconstructs one X-ray pair."""
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True, style: str | None = None):
+    def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True, style: str | None = None,
+                 tta: bool = False):
         self.model_path = os.path.abspath(model_path or DEFAULT_MODEL)
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
         self.device = pick_device(device)
         net, self.card = load_model(self.model_path, self.device)
+        self.tta = tta
         self.style = None
         if style:  # real radiograph -> DRR translation before the network (kneerecon train-style)
             from .style import StyleTransfer
@@ -130,7 +132,12 @@ class Reconstructor:
         cuda_amp = self.amp and self.device.startswith("cuda")
         dt = torch.bfloat16 if not cuda_amp or torch.cuda.is_bf16_supported() else torch.float16
         with torch.inference_mode(), torch.autocast("cuda", dtype=dt, enabled=cuda_amp):
-            return self.net(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
+            if not self.tta:
+                return self.net(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
+            # test-time augmentation: the knee mirrored left<->right (the input flipped along x, the
+            # same input a mirrored knee would give) and the prediction flipped back; probabilities averaged
+            p = torch.softmax(self.net(x).float(), 1) + torch.softmax(self.net(x.flip(-1)).float(), 1).flip(-1)
+            return p.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
@@ -230,7 +237,7 @@ class Reconstructor:
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
-                style: str | None = None) -> Reconstruction:
+                style: str | None = None, tta: bool = False) -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
     t0 = time.perf_counter()
     side_ = side or "right"
@@ -240,7 +247,7 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
         lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rec = Reconstructor(model, device, style=style)
+    rec = Reconstructor(model, device, style=style, tta=tta)
     t_load = time.perf_counter() - t0
     out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
     if side is None:

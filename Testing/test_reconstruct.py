@@ -128,3 +128,22 @@ def test_a_one_voxel_bone_gives_an_empty_surface_not_an_error():
     assert bone_surface(m, grid).GetNumberOfPoints() == 0
     m[8:14, 8:14, 8:14] = True
     assert bone_surface(m, grid).GetNumberOfPoints() > 20
+
+
+def test_mirror_tta_is_a_real_second_opinion():
+    """--tta averages the knee and its mirror image: close to the plain result, not identical."""
+    import SimpleITK as sitk
+
+    from KneeReconLib.inference import reconstruct
+    from KneeReconLib.metrics import dice_per_class
+
+    ap, lat = os.path.join(SAMPLE, "ap.nrrd"), os.path.join(SAMPLE, "lateral.nrrd")
+    plain = sitk.GetArrayFromImage(reconstruct(ap, lat, side="left", surfaces=False).labels)
+    rec = reconstruct(ap, lat, side="left", surfaces=False, tta=True)
+    tta = sitk.GetArrayFromImage(rec.labels)
+    agree = (plain == tta).mean()
+    assert 0.98 < agree < 1.0
+    truth = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz")), rec.labels,
+                                                 sitk.Transform(), sitk.sitkNearestNeighbor))
+    d = dice_per_class(tta, truth)
+    assert d[1] > 0.85 and d[3] > 0.85
