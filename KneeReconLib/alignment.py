@@ -72,3 +72,35 @@ def estimate_height_offset(ap: XRay, lateral: XRay, max_offset_mm: float = 20.0,
     offset = (i - n + frac) * step_mm
     reliable = bool(cc[i] > 0.5 and 0 < i < len(cc) - 1)
     return HeightOffset(float(offset), float(cc[i]), reliable)
+
+
+def knee_height(ap: XRay, smooth_mm: float = 10.0) -> float:
+    """Height (mm, +z superior, 0 = image centre) of the knee joint on an AP view: the level
+    where the bones are widest (condyles and tibial plateau, about 2.5x the shafts' width).
+    Bone is told from soft tissue and air by a three-class Otsu threshold."""
+    from skimage.filters import threshold_multiotsu
+
+    a = np.clip(normalize_intensity(ap.pixels), 0.0, 1.0)
+    t = threshold_multiotsu(a, classes=3)[-1]
+    s_col, s_row = ap.geometry.iso_spacing
+    width = (a > t).sum(axis=1) * s_col  # bone width per row, mm
+    width = gaussian_filter1d(width.astype(np.float64), smooth_mm / s_row)
+    r = int(np.argmax(width))
+    return float(-(r - (ap.geometry.height - 1) / 2.0) * s_row)
+
+
+def crop_rows(xray: XRay, z_centre: float, height_mm: float) -> tuple[XRay, float]:
+    """The rows of a parallel-beam view within height_mm around z_centre (kept inside the
+    image), and the height of the crop's centre: the cropped image is a view centred there, so
+    the caller shifts the reconstruction back up by that height."""
+    from .geometry import ViewGeometry
+
+    g = xray.geometry
+    s = g.iso_spacing[1]
+    c = (g.height - 1) / 2.0 - z_centre / s  # row of z_centre
+    n = int(round(height_mm / s))
+    r0 = int(round(c - (n - 1) / 2.0))
+    r0 = max(0, min(g.height - n, r0))
+    geom = ViewGeometry(g.view, g.width, n, g.spacing, g.sid, g.sod, g.side)
+    centre = float(-(r0 + (n - 1) / 2.0 - (g.height - 1) / 2.0) * s)
+    return XRay(xray.pixels[r0:r0 + n], geom, {**xray.info, "cropped_rows": [r0, r0 + n]}), centre

@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .alignment import estimate_height_offset
+from .alignment import crop_rows, estimate_height_offset, knee_height
 from .backprojection import backproject
 from .checkpoint import load_model
 from .errors import KneeReconError
@@ -74,6 +74,10 @@ def pick_device(device: str) -> str:
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise KneeReconError(f"unknown device {device!r}; use cpu, cuda or auto")
     return device
+
+
+LONG_IMAGE_MM = 300.0  # taller views are cropped to a window around the knee
+KNEE_WINDOW_MM = 220.0
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -164,11 +168,24 @@ class Reconstructor:
         div = self.divisor
         if size % div:
             raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
-        grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
         notes: list[str] = []
+        shown = (ap, lateral)  # the overlay shows the images as given
+        # a long-leg image: reconstruct a knee-sized window around the joint (training saw 180-250 mm)
+        z_centre = 0.0
+        tall = max(ap.geometry.iso_extent[1], lateral.geometry.iso_extent[1])
+        if tall > LONG_IMAGE_MM and not (ap.geometry.cone or lateral.geometry.cone):
+            z_knee = knee_height(ap)
+            ap, z_centre = crop_rows(ap, z_knee, KNEE_WINDOW_MM)
+            lateral, _ = crop_rows(lateral, z_centre, KNEE_WINDOW_MM)
+            notes.append(f"the images are {tall:.0f} mm tall: reconstructed a {KNEE_WINDOW_MM:.0f} mm window around the "
+                         f"knee joint found at {z_knee:+.0f} mm")
+        elif tall > LONG_IMAGE_MM:
+            notes.append(f"the images are {tall:.0f} mm tall (cone beam: not cropped); the grid is coarse - crop the "
+                         "images to the knee for a better result")
+        grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
         # collimator shadows (flat white bands at the edges) are not anatomy: the exposed field's
         # edges are continued over them, as the network saw image edges in training
-        views, shown = {}, (ap, lateral)  # the overlay shows the images as given
+        views = {}
         for name, x in (("AP", ap), ("lateral", lateral)):
             border = collimated_border(x.pixels)
             if any(border):
@@ -206,6 +223,8 @@ class Reconstructor:
         t0 = time.perf_counter()
         lab = clean_labels(raw)
         t["postprocess"] = time.perf_counter() - t0
+        if z_centre:  # back from the cropped window's frame to the images' own
+            grid = ReconGrid(grid.shape, grid.spacing, (grid.origin[0], grid.origin[1], grid.origin[2] + z_centre))
         vox_ml = float(np.prod(grid.spacing)) / 1000.0
         volumes = {b.name: float((lab == b.value).sum() * vox_ml) for b in BONES}
         notes += [f"no {n} found in the reconstruction" for n, v in volumes.items() if v == 0]

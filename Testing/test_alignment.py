@@ -56,3 +56,34 @@ def test_reconstruction_corrects_the_offset():
     assert rec.height_offset["applied_mm"] == pytest.approx(7.0, abs=0.5)
     assert dice["auto"][1] > dice["none"][1] + 0.015  # femur
     assert dice["auto"][2] > dice["none"][2] + 0.015  # patella
+
+
+def test_long_leg_images_are_cropped_to_the_knee():
+    """The sample pair extended to 420 mm (shafts continued above and below, knee off-centre):
+    the knee is found, a knee-sized window reconstructed, and the result lands on the truth in
+    the extended images' frame."""
+    from KneeReconLib.alignment import knee_height
+    from KneeReconLib.geometry import ViewGeometry
+    from KneeReconLib.inference import reconstruct
+
+    ap, lat = _pair()
+    s = ap.geometry.iso_spacing[1]
+    top, bottom = int(130 / s), int(60 / s)
+
+    def extend(x):
+        px = np.pad(x.pixels, ((top, bottom), (0, 0)), mode="edge")
+        g = x.geometry
+        return XRay(px, ViewGeometry(g.view, g.width, px.shape[0], g.spacing, side=g.side))
+
+    ap_l, lat_l = extend(ap), extend(lat)
+    shift = -(top - bottom) * s / 2.0  # where the original image centre (the knee's frame) now lies
+    assert knee_height(ap) == pytest.approx(knee_height(ap_l) - shift, abs=3.0)
+    rec = reconstruct(ap_l, lat_l, side="left", surfaces=False)
+    assert any("window around the knee" in n for n in rec.notes)
+    assert rec.grid.spacing[2] < 2.0  # a knee-sized grid, not 420 mm / 128
+    truth = sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz"))
+    o = truth.GetOrigin()
+    truth.SetOrigin((o[0], o[1], o[2] + shift))
+    t = sitk.GetArrayFromImage(sitk.Resample(truth, rec.labels, sitk.Transform(), sitk.sitkNearestNeighbor))
+    d = dice_per_class(sitk.GetArrayFromImage(rec.labels), t)
+    assert d[1] > 0.85 and d[3] > 0.85
