@@ -68,12 +68,16 @@ def test_ema_model_is_the_average_and_slabs_are_mixed(tiny_cache, tmp_path):
     n_slab = sum(s == (8, 32, 32) for s in shapes)
     assert 60 < n_slab < 140 and all(s in ((8, 32, 32), (16, 16, 16)) for s in shapes)
     # EMA on: the final weights are the average, not the last iterate (BatchNorm re-estimation off to compare)
-    train(_cfg(tiny_cache, tmp_path / "e", ema_decay=0.9, bn_recalibration=0), log=lambda m: None)
+    train(_cfg(tiny_cache, tmp_path / "e", steps=16, ema_decay=0.9, bn_recalibration=0), log=lambda m: None)
     ck = read_model_file(str(tmp_path / "e" / "checkpoint.pt"))
     final = _weights(str(tmp_path / "e" / "model.pt"))
-    k = next(k for k in final if k.endswith("weight") and final[k].ndim == 5)
-    assert torch.allclose(final[k].float(), ck["ema"][k].float(), atol=1e-3)
-    assert not torch.allclose(final[k].float(), ck["state_dict"][k].float(), atol=1e-3)
+    convs = [k for k in final if k.endswith("weight") and final[k].ndim == 5]
+
+    def gap(a, b):
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in convs)
+    # model.pt holds the EMA (up to its fp16 storage), far from the last iterate
+    assert gap(final, ck["ema"]) < 5e-4
+    assert gap(final, ck["state_dict"]) > 5 * gap(final, ck["ema"])
 
 
 def test_ddp_two_cpu_processes_train_one_model(tiny_cache, tmp_path):
