@@ -13,7 +13,7 @@ import torch
 
 from .errors import KneeReconError
 from .fileio import atomic_path
-from .network import UNet3D, UNetConfig
+from .network import build_network
 
 FORMAT = "kneerecon.model"
 FORMAT_VERSION = 1
@@ -51,8 +51,8 @@ def read_model_file(path: str) -> dict:
     return blob
 
 
-def load_model(path: str, device: str = "cpu") -> tuple[UNet3D, dict]:
-    """(network in eval mode, card) from a model file."""
+def load_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(network in eval mode, card) from a model file; the card's architecture says which network."""
     blob = read_model_file(path)
     card = blob["card"]
     if card.get("kind", "reconstruction") != "reconstruction":
@@ -60,7 +60,7 @@ def load_model(path: str, device: str = "cpu") -> tuple[UNet3D, dict]:
                              "(a style model goes to --style)")
     try:
         with torch.device("meta"):  # no random initialisation: every tensor comes from the file
-            net = UNet3D(UNetConfig.from_dict(card["architecture"]))
+            net = build_network(card["architecture"])
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()},
                             assign=True)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:

@@ -120,10 +120,16 @@ def cmd_cache(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from .chen_net import ChenNetConfig
     from .network import UNetConfig
     from .train import TrainConfig, train
 
-    arch = UNetConfig(widths=tuple(int(w) for w in a.widths.split(","))).to_dict()
+    widths_text = a.widths or ("16,32,64,128" if a.arch == "chen" else "8,16,32,64,128")
+    try:
+        widths = tuple(int(w) for w in widths_text.split(","))
+    except ValueError:
+        raise KneeReconError(f"--widths must be comma-separated integers, got {widths_text!r}")
+    arch = (ChenNetConfig(widths=widths) if a.arch == "chen" else UNetConfig(widths=widths)).to_dict()
     cfg = TrainConfig(data=a.data, phantoms_on_the_fly=a.phantoms_on_the_fly, val_data=a.val_data or [], out=a.output,
                       steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup,
                       crop=None if a.crop == 0 else (a.crop,) * 3, ngcc_lambda=a.ngcc_lambda, dice_weight=a.dice_weight,
@@ -274,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft Dice term")
     t.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     t.add_argument("--init-from", help="start from this model file's weights (fine-tuning)")
-    t.add_argument("--widths", default="8,16,32,64,128")
+    t.add_argument("--arch", choices=("unet", "chen"), default="unet",
+                   help="unet: the 3D U-Net of Kasten et al.; chen: 2D encoder per view + 3D decoder (Chen et al. 2020)")
+    t.add_argument("--widths", help="channels per scale (default unet 8,16,32,64,128; chen, of the 2D encoders: 16,32,64,128)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-amp", action="store_true")
     t.add_argument("--workers", type=int, default=1)

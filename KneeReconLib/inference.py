@@ -17,7 +17,7 @@ from .checkpoint import load_model
 from .errors import KneeReconError
 from .geometry import ReconGrid
 from .labels import BONES
-from .network import fold_batchnorm
+from .network import fold_batchnorm, to_channels_last
 from .preprocessing import collimated_border, fill_collimation, normalize_intensity
 from .surfaces import bone_surface, clean_labels
 from .xray_io import XRay, read_xray, with_side
@@ -113,7 +113,7 @@ class Reconstructor:
         self.net = fold_batchnorm(net)
         self.dtype = torch.float32
         if self.device == "cpu":
-            self.net = self.net.to(memory_format=torch.channels_last_3d)
+            self.net = to_channels_last(self.net)
             if amp and cpu_has_fast_bf16():
                 self.dtype = torch.bfloat16
                 self.net = self.net.to(self.dtype)

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .errors import KneeReconError
+
 
 @dataclass
 class UNetConfig:
@@ -20,7 +22,7 @@ class UNetConfig:
     upsample: str = "trilinear"  # trilinear | transpose
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {"kind": "unet", **asdict(self)}  # build_network dispatches on "kind"; older cards lack it
         d["widths"] = list(self.widths)
         return d
 
@@ -53,19 +55,46 @@ class ConvBlock(nn.Sequential):
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An inference copy of `model` with every Conv3d + BatchNorm3d pair merged into one biased
-    convolution (the BatchNorm's running statistics folded into the weights): the same function
-    in eval mode, one pass over memory fewer per layer."""
+    """An inference copy of `model` with every Conv2d/Conv3d + BatchNorm2d/3d pair that follows
+    each other inside an nn.Sequential (UNet3D's ConvBlocks, ChenNet's encoder and decoder blocks)
+    merged into one biased convolution (the BatchNorm's running statistics folded into the
+    weights): the same function in eval mode, one pass over memory fewer per layer."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    pairs = ((nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
     folded = copy.deepcopy(model).eval()
     for block in folded.modules():
-        if isinstance(block, ConvBlock):
+        if isinstance(block, nn.Sequential):
             for i in range(len(block) - 1):
-                if isinstance(block[i], nn.Conv3d) and isinstance(block[i + 1], nn.BatchNorm3d):
+                if any(type(block[i]) is c and type(block[i + 1]) is b for c, b in pairs):
                     block[i] = fuse_conv_bn_eval(block[i], block[i + 1])
                     block[i + 1] = nn.Identity()
     return folded
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """`model` with its 5-D weights in channels-last 3D and its 4-D ones (ChenNet's 2D encoders)
+    in channels-last: `model.to(memory_format=torch.channels_last_3d)` refuses 4-D tensors."""
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        if t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+    return model._apply(convert)
+
+
+def build_network(architecture: dict) -> nn.Module:
+    """The network an architecture dict (a model card's "architecture") describes: UNet3D for
+    kind "unet" or no kind (cards written before ChenNet existed), ChenNet for kind "chen"."""
+    from .chen_net import ChenNet, ChenNetConfig  # here: chen_net imports this module
+
+    kind = architecture.get("kind", "unet")
+    if kind == "unet":
+        return UNet3D(UNetConfig.from_dict(architecture))
+    if kind == "chen":
+        return ChenNet(ChenNetConfig.from_dict(architecture))
+    raise KneeReconError(f"unknown network kind {kind!r} in the architecture (known: unet, chen)")
 
 
 class UNet3D(nn.Module):

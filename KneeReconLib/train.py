@@ -31,7 +31,7 @@ from .errors import KneeReconError
 from .labels import BONE_NAMES, NUM_CLASSES, label_table
 from .losses import ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 from .metrics import dice_per_class
-from .network import UNet3D, UNetConfig
+from .network import UNetConfig, build_network, to_channels_last
 
 
 @dataclass
@@ -194,7 +194,8 @@ def _dist_env() -> tuple[int, int, int]:
 
 def model_card(cfg: TrainConfig, step: int, extra: dict | None = None) -> dict:
     return {
-        "name": "KneeRecon U-Net",
+        "name": {"unet": "KneeRecon U-Net", "chen": "KneeRecon ChenNet (Chen et al. 2020)"}.get(
+            cfg.architecture.get("kind", "unet"), "KneeRecon"),
         "version": "0.1.0",
         "architecture": cfg.architecture,
         "grid_size": cfg.grid_size,
@@ -310,9 +311,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
 
-    model = UNet3D(UNetConfig.from_dict(cfg.architecture)).to(device)
+    model = build_network(cfg.architecture).to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+        model = to_channels_last(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.startswith("cuda") and _amp_dtype(device) == torch.float16)
     start = 0
