@@ -158,6 +158,30 @@ def cmd_train_style(a) -> int:
     return 0
 
 
+def cmd_build_ssm(a) -> int:
+    import glob
+
+    from .dataset import load_case
+    from .inference import detect_side
+    from .shape_model import build_shape_model
+
+    paths = sorted(p for d in a.data for p in glob.glob(os.path.join(d, "*.npz")))[: a.cases]
+    if not paths:
+        raise KneeReconError(f"no cached cases (*.npz) in {a.data}")
+
+    def shapes():
+        for p in paths:
+            c = load_case(p)
+            side = c.meta.get("side") or detect_side(c.labels, c.grid())
+            if side:  # a shape whose side is unknown cannot be mirrored into the model's frame
+                yield c.labels, c.grid(), side
+    model = build_shape_model(shapes(), spacing_mm=a.spacing, n_modes=a.modes)
+    model.info["training_cases"] = [os.path.basename(p) for p in paths]
+    model.save(a.output)
+    print(f"shape model of {len(paths)} cases written to {a.output}")
+    return 0
+
+
 def cmd_evaluate_2d(a) -> int:
     from .evaluate2d import evaluate_2d, format_table_2d
     from .fileio import atomic_path
@@ -174,6 +198,18 @@ def cmd_evaluate_2d(a) -> int:
 def cmd_evaluate(a) -> int:
     from .evaluate import evaluate_files, evaluate_model, print_table
 
+    if a.methods:
+        from .comparison import compare_methods, format_comparison, parse_methods
+        from .registration import FitConfig
+
+        if not a.data:
+            raise KneeReconError("--methods compares on cached test cases: give --data FOLDER")
+        res = compare_methods(parse_methods(a.methods), a.data, model=a.model, chen_model=a.chen_model, ssm=a.ssm,
+                              fit_config=FitConfig(iterations=a.fit_iterations), device=a.device, out_dir=a.output)
+        print(format_comparison(res))
+        if a.output:
+            print(f"per-case and summary results in {a.output}/ (comparison.csv, comparison.json)")
+        return 0
     if a.case_dirs:
         rows = evaluate_files(a.model, a.case_dirs, device=a.device, style=a.style)
         if a.output:
@@ -308,7 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--style", metavar="MODEL", help="with --case-dirs: translate the X-rays with this style model first")
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--methods", metavar="M1,M2", help="compare methods on --data in one table: kasten, chen, ssm, "
+                   "ssm-perturbed, kasten+ssm (see KneeReconLib/comparison.py)")
+    e.add_argument("--chen-model", metavar="MODEL", help="ChenNet model for --methods chen (kneerecon train --arch chen)")
+    e.add_argument("--ssm", metavar="FILE", help="shape model for the ssm methods (kneerecon build-ssm)")
+    e.add_argument("--fit-iterations", type=int, default=150, help="registration iterations of the ssm methods")
     e.set_defaults(func=cmd_evaluate)
+
+    bs = sub.add_parser("build-ssm", help="build the statistical shape models (PCA of bone SDFs) for the ssm methods")
+    bs.add_argument("--data", nargs="+", required=True, help="folders of cached training cases (.npz)")
+    bs.add_argument("--output", required=True, help="shape model file (.npz)")
+    bs.add_argument("--cases", type=int, default=100, help="at most this many training shapes")
+    bs.add_argument("--modes", type=int, default=12)
+    bs.add_argument("--spacing", type=float, default=2.0, help="canonical grid spacing in mm")
+    bs.set_defaults(func=cmd_build_ssm)
 
     ts = sub.add_parser("train-style", help="train the real-radiograph -> DRR style transfer (CycleGAN, unpaired)")
     ts.add_argument("--real", nargs="+", required=True, help="folders of real (or real-like) X-ray files")
