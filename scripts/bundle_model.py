@@ -30,8 +30,11 @@ def main():
     p.add_argument("--train-data", default=os.path.join(ROOT, "cache", "train"))
     p.add_argument("--history", default="", help="how the run was reached (earlier phases), for the card")
     p.add_argument("--recalibrate", type=int, default=32, help="full-grid samples for BatchNorm statistics (0 = off)")
+    p.add_argument("--recalibrate-realism-p", type=float, default=0.0,
+                   help="share of those samples passed through the radiograph simulator (default: plain DRRs)")
     p.add_argument("--real-like", help="folder of real-like simulated cases (scripts/make_real_like_set.py) to report")
     p.add_argument("--style", help="style model to report on the real-like cases as well")
+    p.add_argument("--version", default="0.2.0")
     a = p.parse_args()
     src = os.path.join(a.run, "model.pt")
     blob = read_model_file(src)
@@ -40,7 +43,7 @@ def main():
     cfg = card["training"]["config"]
     card.update({
         "name": "KneeRecon U-Net (phantom-trained)",
-        "version": "0.1.0",
+        "version": a.version,
         "file": "kneerecon_unet.pt",
         "intended_use": "Research on bi-planar knee reconstruction. Not a medical device; not validated on clinical radiographs.",
         "training_data": {
@@ -57,9 +60,10 @@ def main():
         import glob
         paths = sorted(glob.glob(os.path.join(a.train_data, "*.npz")))
         net.train()
-        recalibrate_batchnorm(net, recalibration_samples(paths, a.recalibrate, 0, cfg.get("augment")))
+        recalibrate_batchnorm(net, recalibration_samples(paths, a.recalibrate, 0, cfg.get("augment"), a.recalibrate_realism_p))
         net.eval()
         card["bn_recalibration_samples"] = a.recalibrate
+        card["bn_recalibration_realism_p"] = a.recalibrate_realism_p
     save_model(tmp, net, card, half=True)
     res = evaluate_model(tmp, [a.test], out_dir=a.run)
     ext = evaluate_files(tmp, [os.path.join(ROOT, "..", "shared", "contract-check", k) for k in ("knee_a", "knee_b")])
@@ -76,8 +80,8 @@ def main():
     if a.real_like:
         import glob
         dirs = sorted(d for d in glob.glob(os.path.join(a.real_like, "case_*")) if os.path.isdir(d))
-        for name, style in (("no adaptation", None), ("style transfer", a.style)):
-            if name == "style transfer" and not style:
+        for name, style in (("this model", None), ("this model + style transfer", a.style)):
+            if style is None and name != "this model":
                 continue
             rows = evaluate_files(tmp, dirs, style=style, log=lambda m: None)
             real_like[name] = {f"{m}_{n}": round(float(np.nanmean([r[f"{m}_{n}"] for r in rows])), 4)
@@ -101,10 +105,10 @@ KneeRecon; not validated on clinical radiographs.
 - Input: AP and lateral X-ray, percentile-normalised, replicated along each beam into a 2 x 128^3 grid (DESIGN.md).
 - Training data: {card['training_data']['summary']}. Phantom population: see docs/phantoms.md.
   Augmentation: display curves, exposure, noise, blur, background ramps, left/right mirroring,
-  2-4 mm shifts and lateral-view height offsets.
+  2-4 mm shifts and lateral-view height offsets{f"; the radiograph simulator (docs/realism.md) on {cfg['augment'].get('realism_p', 0):.0%} of the views" if cfg.get('augment', {}).get('realism_p') else ""}.
 - Loss: surface-weighted cross-entropy (w0 = {cfg['wce_w0']}, sigma = {cfg['wce_sigma_mm']} mm) + {cfg.get('dice_weight', 0)} x soft Dice;
   NGCC lambda = {cfg['ngcc_lambda']}. Crops: {cfg['crop']} (class-balanced centres){f", {cfg.get('slab_p', 0):.0%} of the steps on {cfg.get('slab_depth')} x 128 x 128 slabs spanning whole rays" if cfg.get('slab_p') else ""}.
-  {f"Weights: exponential moving average (decay {cfg.get('ema_decay')})." if cfg.get('ema_decay') else ""} BatchNorm statistics re-estimated on {a.recalibrate} full-grid inputs.
+  {f"Weights: exponential moving average (decay {cfg.get('ema_decay')})." if cfg.get('ema_decay') else ""} BatchNorm statistics re-estimated on {a.recalibrate} full-grid inputs{" (plain DRRs, no simulator)" if not a.recalibrate_realism_p else ""}.
 - Optimiser: AdamW, lr {cfg['lr']}, warm-up {cfg['warmup_steps']} steps then cosine; batch {cfg['batch_size']}.
 - Cost: {card['training_cost']['steps']} steps in {a.hours:.2f} h on {a.device_desc}. {a.history}
 
@@ -130,7 +134,9 @@ written as DICOM; 3D truth compared by physical coordinates (`kneerecon evaluate
 | | """ + " | ".join(f"Dice {n}" for n in BONE_NAMES) + " | " + " | ".join(f"Chamfer {n} (mm)" for n in BONE_NAMES) + """ |
 |---|""" + "---|" * 8 + "\n" + "\n".join(
             f"| {k} | " + " | ".join(f"{v[f'dice_{n}']:.3f}" for n in BONE_NAMES) + " | "
-            + " | ".join(f"{v[f'chamfer_{n}']:.2f}" for n in BONE_NAMES) + " |" for k, v in real_like.items()) + "\n\n"
+            + " | ".join(f"{v[f'chamfer_{n}']:.2f}" for n in BONE_NAMES) + " |" for k, v in real_like.items())
+            + "\n\nThe default is this model without style transfer; `--style` is optional (README, 'Domain adaptation': "
+            "all four adaptations compared).\n\n"
             if real_like else "") + """## Limits
 
 Phantoms are procedural shapes (docs/phantoms.md); the network has never seen a real knee CT or
