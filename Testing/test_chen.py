@@ -109,14 +109,19 @@ def test_model_file_round_trip_builds_a_chennet(tmp_path):
         assert out.std() > 0 and torch.equal(loaded(x), out)
 
 
-def test_build_network_dispatches_on_kind(bundled_model):
+def test_build_network_dispatches_on_kind(bundled_model, tmp_path):
     assert isinstance(build_network({"widths": [4, 8]}), UNet3D)  # cards from before "kind" existed
     assert isinstance(build_network({"kind": "unet", "widths": [4, 8]}), UNet3D)
     assert isinstance(build_network(TINY), ChenNet)
     with pytest.raises(KneeReconError, match="unknown network kind"):
         build_network({"kind": "transformer"})
-    net, card = load_model(bundled_model)  # the bundled model's card has no "kind"
-    assert isinstance(net, UNet3D) and "kind" not in card["architecture"]
+    net, card = load_model(bundled_model)
+    assert isinstance(net, UNet3D) and card["architecture"].get("kind", "unet") == "unet"
+    # a model file written before "kind" existed (0.1.0's card) still loads as the U-Net
+    arch = {k: v for k, v in card["architecture"].items() if k != "kind"}
+    old_file = str(tmp_path / "old.pt")
+    save_model(old_file, net, {**card, "architecture": arch})
+    assert isinstance(load_model(old_file)[0], UNet3D)
 
 
 def test_training_lowers_the_loss_and_the_model_reconstructs(tiny_cache, tmp_path):
