@@ -77,8 +77,6 @@ def cmd_phantom(a) -> int:
 
 
 def cmd_drr(a) -> int:
-    import SimpleITK as sitk
-
     from .dataset import _read, _read_labelmap, labels_on_grid, parse_label_map
     from .drr import DRRConfig, render_drr
     from .fileio import atomic_write_image

@@ -17,7 +17,6 @@ the method's own work (network + clean-up, or the registration).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import time
 

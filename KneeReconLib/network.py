@@ -3,7 +3,7 @@ max-pool down, upsampling up, concatenated skips, 1x1x1 conv to the classes."""
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .checkpoint import FORMAT, read_model_file, save_model
+from .checkpoint import read_model_file, save_model
 from .dataset import AugmentConfig, Case, load_case, make_sample, phantom_case
 from .errors import KneeReconError
-from .labels import BONE_NAMES, NUM_CLASSES, label_table
+from .labels import BONE_NAMES, label_table
 from .losses import ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 from .metrics import dice_per_class
 from .network import UNetConfig, build_network, to_channels_last

@@ -1,18 +1,17 @@
 """ChenNet (Chen et al. 2020: a 2D encoder per view, a 3D decoder) through the shared pipeline:
 shapes, what it reads, BatchNorm folding, model files, training and inference."""
 import csv
-import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from KneeReconLib.chen_net import ChenNet, ChenNetConfig
 from KneeReconLib.checkpoint import load_model, save_model
-from KneeReconLib.dataset import build_phantom_cache
 from KneeReconLib.errors import KneeReconError
 from KneeReconLib.network import UNet3D, build_network, fold_batchnorm, to_channels_last
-from KneeReconLib.train import TrainConfig, train
+from KneeReconLib.train import train
 
 TINY = {"kind": "chen", "in_channels": 2, "num_classes": 5, "widths": [4, 8, 16], "activation": "relu"}
 SMALL = {**TINY, "widths": [8, 16, 32]}  # decoder widths 4, 8, 16: wide enough that no layer is all dead ReLUs
@@ -23,18 +22,8 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    build_phantom_cache(str(d), range(100, 104), grid_size=32, log=lambda m: None)
-    return str(d)
-
-
 def _cfg(cache, out, **kw):
-    base = dict(data=[cache], out=str(out), steps=8, batch_size=2, lr=1e-2, warmup_steps=2, crop=None, grid_size=32,
-                architecture=TINY, workers=0, ckpt_every=4, log_every=1, val_every=1000, amp=True, threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(cache, out, TINY, **kw)
 
 
 def _randomise_batchnorm(net: torch.nn.Module, seed: int = 0) -> None:

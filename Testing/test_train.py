@@ -4,26 +4,16 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from KneeReconLib.checkpoint import read_model_file
-from KneeReconLib.dataset import build_phantom_cache
-from KneeReconLib.train import TrainConfig, train
+from KneeReconLib.train import train
 
 TINY = {"in_channels": 2, "num_classes": 5, "widths": [4, 8, 16], "activation": "relu", "upsample": "trilinear"}
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache")
-    build_phantom_cache(str(d), range(100, 104), grid_size=32, log=lambda m: None)
-    return str(d)
-
-
 def _cfg(cache, out, **kw):
-    base = dict(data=[cache], out=str(out), steps=8, batch_size=2, lr=1e-2, warmup_steps=2, crop=None, grid_size=32,
-                architecture=TINY, workers=0, ckpt_every=4, log_every=1, val_every=1000, amp=True, threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(cache, out, TINY, **kw)
 
 
 def _weights(path):

@@ -8,7 +8,6 @@ set for each model (an adaptation must not cost accuracy on clean inputs).
 MODEL_A and MODEL_B must come from runs that differ only in --realism-p."""
 import argparse
 import glob
-import json
 import os
 import sys
 

@@ -8,12 +8,11 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from KneeReconLib.checkpoint import load_model, read_model_file, save_model  # noqa: E402
-from KneeReconLib.evaluate import PAPER, evaluate_files, evaluate_model, format_table  # noqa: E402
+from KneeReconLib.evaluate import evaluate_files, evaluate_model, format_table  # noqa: E402
 from KneeReconLib.labels import BONE_NAMES  # noqa: E402
 from KneeReconLib.phantom import PhantomConfig  # noqa: E402
 from KneeReconLib.train import recalibrate_batchnorm, recalibration_samples  # noqa: E402
