@@ -200,7 +200,6 @@ def fit(model: ShapeModel, volume: np.ndarray, grid: ReconGrid, side: str, init:
             occ = occ + torch.sigmoid(-d / tau)
         return occ.view(n)
 
-    score = torch.zeros(())
     for it in range(cfg.iterations):
         frac = it / max(1, cfg.iterations - 1)
         tau = cfg.tau_start_mm * (cfg.tau_end_mm / cfg.tau_start_mm) ** frac
@@ -223,6 +222,8 @@ def fit(model: ShapeModel, volume: np.ndarray, grid: ReconGrid, side: str, init:
 
     # final shapes on the full reconstruction grid: each voxel goes to the bone it lies deepest in
     with torch.no_grad():
+        occ = render(cfg.tau_end_mm)  # the score of the final (or, with 0 iterations, the initial) pose
+        score = 0.5 * (ngcc(ap_t, occ.sum(1)[None]) + ngcc(lat_t, occ.sum(2)[None])).mean()
         full_pts = _grid_points(grid, grid.shape)
         best = torch.zeros(full_pts.shape[0])
         labels = torch.zeros(full_pts.shape[0], dtype=torch.uint8)
