@@ -23,8 +23,7 @@ import time
 import numpy as np
 
 from .errors import KneeReconError
-from .labels import BONE_NAMES, BONES
-from .metrics import dice_per_class, surface_distances
+from .labels import BONE_NAMES
 
 METHODS = ("kasten", "chen", "ssm", "ssm-perturbed", "kasten+ssm")
 LABELS = {"kasten": "Kasten U-Net (ours)", "chen": "ChenNet (ours)", "ssm": "SSM, manual init (ours)",
@@ -46,20 +45,11 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def _scores(pred: np.ndarray, truth: np.ndarray, spacing_zyx) -> dict:
-    d = dice_per_class(pred, truth)
-    row = {}
-    for b in BONES:
-        row[f"dice_{b.name}"] = float(d[b.value])
-        row[f"chamfer_{b.name}"] = surface_distances(pred == b.value, truth == b.value, spacing_zyx)["chamfer"]
-    return row
-
-
 def compare_methods(methods: list[str], data: list[str], model: str | None = None, chen_model: str | None = None,
                     ssm: str | None = None, fit_config=None, device: str = "cpu", out_dir: str | None = None,
                     log=print) -> dict:
     """Run each method on every cached case of `data`; per-case rows and per-method means."""
-    from .evaluate import _cases
+    from .evaluate import _cases, score_labels
     from .inference import Reconstructor, detect_side
     from .registration import FitConfig, fit, init_from_labels, perturb
     from .dataset import make_sample
@@ -105,7 +95,7 @@ def compare_methods(methods: list[str], data: list[str], model: str | None = Non
                 init = init_from_labels(shape_model, cnn_labels, grid, side, fit_coefficients=True)
                 pred = fit(shape_model, x, grid, side, init, fcfg).labels
             dt = time.perf_counter() - t0
-            row = {"case": name, "method": m, "time_s": dt, **_scores(pred, truth, sp)}
+            row = {"case": name, "method": m, "time_s": dt, **score_labels(pred, truth, sp)}
             if m == "ssm":
                 manual = row
             if m == "ssm-perturbed" and manual:

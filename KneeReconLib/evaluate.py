@@ -41,19 +41,23 @@ def _cases(data: list[str], phantoms: int, seed0: int):
         yield f"phantom_{s}", phantom_case(s)
 
 
+def score_labels(pred: np.ndarray, truth: np.ndarray, spacing_zyx) -> dict:
+    """Dice per class and Chamfer/ASSD/HD95 per bone of a label map against the truth (same grid)."""
+    d = dice_per_class(pred, truth)
+    row = {"dice_background": float(d[0])}
+    for b in BONES:
+        row[f"dice_{b.name}"] = float(d[b.value])
+        for k, v in surface_distances(pred == b.value, truth == b.value, spacing_zyx).items():
+            row[f"{k}_{b.name}"] = v
+    return row
+
+
 def evaluate_case(rec: Reconstructor, case) -> dict:
     x, truth = make_sample(case)
     t0 = time.perf_counter()
     pred = clean_labels(rec.predict(x))
     dt = time.perf_counter() - t0
-    grid = case.grid()
-    d = dice_per_class(pred, truth)
-    row = {"time_s": dt, "dice_background": float(d[0])}
-    for b in BONES:
-        row[f"dice_{b.name}"] = float(d[b.value])
-        sd = surface_distances(pred == b.value, truth == b.value, grid.spacing[::-1])
-        for k, v in sd.items():
-            row[f"{k}_{b.name}"] = v
+    row = {"time_s": dt, **score_labels(pred, truth, case.grid().spacing[::-1])}
     row["side"] = case.meta.get("side")
     row["flexion_deg"] = case.meta.get("flexion_deg")
     return row
