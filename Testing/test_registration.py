@@ -7,6 +7,7 @@ import pytest
 
 from KneeReconLib.cli import main
 from KneeReconLib.dataset import build_phantom_cache, load_case, make_sample
+from KneeReconLib.errors import KneeReconError
 from KneeReconLib.metrics import dice_per_class
 from KneeReconLib.registration import FitConfig, fit, init_from_labels
 from KneeReconLib.shape_model import ShapeModel, build_shape_model, canonical_sdf
@@ -49,8 +50,8 @@ def test_shape_model_file_and_projection(cases, ssm):
     err_mean = np.sqrt(((sdf - bm.mean) ** 2).mean())
     err_fit = np.sqrt(((sdf - bm.instance(bm.project(sdf))) ** 2).mean())
     assert err_fit < 0.6 * err_mean
-    with pytest.raises(Exception, match="not a KneeRecon shape model"):
-        np.savez(str(path) + ".bad.npz", x=np.zeros(3))
+    np.savez(str(path) + ".bad.npz", x=np.zeros(3))
+    with pytest.raises(KneeReconError, match="not a KneeRecon shape model"):
         ShapeModel.load(str(path) + ".bad.npz")
 
 
@@ -78,7 +79,7 @@ def test_registration_corrects_a_displaced_start(cases, ssm):
 def test_evaluate_methods_table(cases, ssm, tmp_path, capsys):
     d, _, _ = cases
     _, path = ssm
-    rc = main(["evaluate", "--data", str(d / "test"), "--methods", "ssm,ssm-perturbed", "--ssm", path,
+    rc = main(["evaluate", "--data", str(d / "test"), "--methods", "ssm-perturbed,ssm", "--ssm", path,
                "--fit-iterations", "120", "--output", str(tmp_path / "cmp")])
     assert rc == 0
     out = capsys.readouterr().out
