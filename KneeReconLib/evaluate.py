@@ -75,12 +75,13 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def evaluate_model(model: str | None, data: list[str], device: str = "cpu", out_dir: str | None = None,
-                   phantoms: int = 0, seed0: int = TEST_SEED0, log=print, amp: bool = True, tta: bool = False) -> dict:
+                   phantoms: int = 0, seed0: int = TEST_SEED0, log=print, amp: bool = True, tta: bool = False,
+                   backend: str = "auto") -> dict:
     """Per-case and mean Dice/Chamfer/ASSD/HD95 of a model on cached cases and/or fresh test
     phantoms; `amp=False` runs the network in fp32 (the reference the fast path is checked against)."""
     if not data and not phantoms:
         raise KneeReconError("nothing to evaluate: give --data FOLDER and/or --phantoms N")
-    rec = Reconstructor(model, device, amp=amp, tta=tta)
+    rec = Reconstructor(model, device, amp=amp, tta=tta, backend=backend)
     rows = []
     for name, case in _cases(data, phantoms, seed0):
         row = {"case": name, **evaluate_case(rec, case)}

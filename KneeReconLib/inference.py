@@ -17,6 +17,7 @@ from .checkpoint import load_model
 from .errors import KneeReconError
 from .geometry import ReconGrid
 from .labels import BONES
+from .fused_unet import fuse_for_inference
 from .network import fold_batchnorm, to_channels_last
 from .preprocessing import collimated_border, fill_collimation, normalize_intensity
 from .surfaces import bone_surface, clean_labels
@@ -89,11 +90,34 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def pick_backend(backend: str, device: str, tta: bool) -> str:
+    """The network's runtime: OpenVINO on the CPU where the package is installed (faster), else
+    PyTorch; PyTorch always on CUDA and for test-time augmentation (which needs probabilities)."""
+    from . import openvino_backend
+
+    if backend not in BACKENDS:
+        raise KneeReconError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        if device != "cpu":
+            raise KneeReconError("the OpenVINO backend runs on the CPU only; use --device cpu or --backend torch")
+        if tta:
+            raise KneeReconError("test-time augmentation runs with --backend torch only")
+        if not openvino_backend.available():
+            raise KneeReconError("--backend openvino needs the openvino package (pip install -r requirements.txt)")
+        return "openvino"
+    if backend == "auto" and device == "cpu" and not tta and openvino_backend.available():
+        return "openvino"
+    return "torch"
+
+
 class Reconstructor:
     """Holds a loaded model; `run` reconstructs one X-ray pair."""
 
     def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True, style: str | None = None,
-                 tta: bool = False):
+                 tta: bool = False, backend: str = "auto"):
         self.model_path = os.path.abspath(model_path or DEFAULT_MODEL)
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
@@ -107,29 +131,42 @@ class Reconstructor:
             self.style_path = style
         self.divisor = net.divisor
         self.amp = amp
-        # BatchNorm folded into the convolutions; on the CPU with amp, bf16 weights and activations
-        # throughout (no autocast casts per layer) in channels-last 3D, oneDNN's fastest layout
-        # (bench/bench_inference.py measures each step against fp32 eager)
-        self.net = fold_batchnorm(net)
+        self.backend = pick_backend(backend, self.device, tta)
+        # BatchNorm folded into the convolutions and the U-Net's finest decoder level fused
+        # (fused_unet.py); bench/bench_inference.py measures each step against fp32 eager
+        self.net = fuse_for_inference(fold_batchnorm(net))
         self.dtype = torch.float32
-        if self.device == "cpu":
+        bf16 = self.device == "cpu" and amp and cpu_has_fast_bf16()
+        self.ov = None
+        if self.backend == "openvino":
+            from .openvino_backend import OpenVINONetwork
+            size = int(self.card.get("grid_size", 128))
+            self.ov = OpenVINONetwork(self.model_path, self.net, "bf16" if bf16 else "f32",
+                                      (1, int(net.config.in_channels), size, size, size), torch.get_num_threads())
+        elif self.device == "cpu":
+            # on the CPU with amp, bf16 weights and activations throughout (no autocast casts per
+            # layer) in channels-last 3D, oneDNN's fastest layout
             self.net = to_channels_last(self.net)
-            if amp and cpu_has_fast_bf16():
+            if bf16:
                 self.dtype = torch.bfloat16
                 self.net = self.net.to(self.dtype)
 
     @property
     def precision(self) -> str:
-        """How the network runs, for the report (e.g. 'bf16 weights, BatchNorm folded')."""
+        """How the network runs, for the report (e.g. 'OpenVINO bf16, BatchNorm folded')."""
         if self.device.startswith("cuda"):
             return "autocast " + ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.amp else "fp32"
+        why = "" if not self.amp or cpu_has_fast_bf16() else ": this CPU has no native bf16"
+        if self.ov is not None:
+            return f"OpenVINO {self.ov.precision} (BatchNorm folded, upsampling fused){why}"
         if self.dtype == torch.bfloat16:
-            return "bf16 (BatchNorm folded, channels-last)"
-        why = "" if not self.amp else ": this CPU has no native bf16"
-        return f"fp32 (BatchNorm folded, channels-last){why}"
+            return "bf16 (BatchNorm folded, upsampling fused, channels-last)"
+        return f"fp32 (BatchNorm folded, upsampling fused, channels-last){why}"
 
     def predict(self, volume: np.ndarray) -> np.ndarray:
         """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
+        if self.ov is not None:
+            return self.ov(volume)
         x = torch.from_numpy(volume)[None].to(self.device, self.dtype)
         if self.device == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -256,7 +293,7 @@ class Reconstructor:
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
-                style: str | None = None, tta: bool = False) -> Reconstruction:
+                style: str | None = None, tta: bool = False, backend: str = "auto") -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
     t0 = time.perf_counter()
     side_ = side or "right"
@@ -266,7 +303,7 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
         lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rec = Reconstructor(model, device, style=style, tta=tta)
+    rec = Reconstructor(model, device, style=style, tta=tta, backend=backend)
     t_load = time.perf_counter() - t0
     out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
     if side is None:

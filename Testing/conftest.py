@@ -11,6 +11,12 @@ SAMPLE = os.path.join(ROOT, "Resources", "Sample")
 MODEL = os.path.join(ROOT, "Resources", "Models", "kneerecon_unet.pt")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory):
+    """Converted OpenVINO models of the tests' own models go to a temporary cache, not ~/.cache."""
+    os.environ["KNEERECON_CACHE"] = str(tmp_path_factory.mktemp("kneerecon-cache"))
+
+
 @pytest.fixture(scope="session")
 def phantom_right():
     from KneeReconLib.phantom import PhantomConfig, generate_phantom

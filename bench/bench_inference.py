@@ -24,7 +24,9 @@ from KneeReconLib.checkpoint import load_model  # noqa: E402
 from KneeReconLib.geometry import ReconGrid  # noqa: E402
 from KneeReconLib.inference import DEFAULT_MODEL, Reconstructor, cpu_has_fast_bf16, reconstruct  # noqa: E402
 from KneeReconLib.labels import BONE_NAMES  # noqa: E402
-from KneeReconLib.network import fold_batchnorm  # noqa: E402
+from KneeReconLib import openvino_backend  # noqa: E402
+from KneeReconLib.fused_unet import fuse_for_inference  # noqa: E402
+from KneeReconLib.network import fold_batchnorm, to_channels_last  # noqa: E402
 from KneeReconLib.outputs import write_outputs  # noqa: E402
 from KneeReconLib.preprocessing import normalize_intensity  # noqa: E402
 from KneeReconLib.xray_io import XRay, read_xray  # noqa: E402
@@ -78,6 +80,26 @@ def main():
         folded = fold_batchnorm(net).to(memory_format=torch.channels_last_3d)
         modes["BN folded, fp32 channels-last"] = timeit(lambda: folded(x_cl).argmax(1)[0].numpy())
         modes["BN folded, bf16 autocast + channels-last"] = timeit(autocast_bf16(folded, x_cl))
+        fused = fuse_for_inference(fold_batchnorm(net))
+        fused_cl = to_channels_last(fused)
+        modes["BN folded + upsampling fused, fp32 channels-last"] = timeit(lambda: fused_cl(x_cl).argmax(1)[0].numpy())
+        if cpu_has_fast_bf16():
+            fused_bf = copy.deepcopy(fused_cl).to(torch.bfloat16)
+            x_bf = x_cl.to(torch.bfloat16)
+            modes["BN folded + upsampling fused, bf16 weights, channels-last (torch default)"] = timeit(
+                lambda: fused_bf(x_bf).argmax(1)[0].numpy())
+        if openvino_backend.available():
+            import openvino as ov
+            core = ov.Core()
+            for label, model_net in (("BN folded", folded), ("BN folded + upsampling fused", fused)):
+                ovm = openvino_backend.convert(copy.deepcopy(model_net), tuple(x.shape), "bench")
+                for hint in (["bf16"] if cpu_has_fast_bf16() else []) + ["f32"]:
+                    req = core.compile_model(ovm, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+                                             ).create_infer_request()
+                    xn = x.numpy()
+                    modes[f"OpenVINO {hint}, {label}"] = timeit(lambda: req.infer({0: xn})[0][0])
+        else:
+            print("openvino is not installed: its rows are left out")
         rec = Reconstructor()  # what `kneerecon reconstruct` runs
         modes[f"default path: {rec.precision}"] = timeit(lambda: rec.predict(vol))
         if a.compile:
@@ -90,20 +112,44 @@ def main():
             print(f"torch.compile build: {time.perf_counter() - t0:.1f} s")
             modes["default path under torch.compile (Inductor, freezing)"] = timeit(lambda: comp(xb).argmax(1)[0].numpy())
     ref = modes["fp32 eager (reference)"][1]
-    print(f"{'network forward, 128^3':60s} {'median s':>9s} {'agree w/ fp32':>14s}")
+    print(f"{'network forward, 128^3':75s} {'median s':>9s} {'agree w/ fp32':>14s}")
     for k, (t, out) in modes.items():
-        print(f"{k:60s} {t:9.3f} {100 * (out == ref).mean():13.3f}%")
+        print(f"{k:75s} {t:9.3f} {100 * (out == ref).mean():13.3f}%")
 
     # end to end in a fresh process (so its peak memory is that of a reconstruction alone)
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--end-to-end"] + (["--threads", str(a.threads)] if a.threads else []),
                        capture_output=True, text=True, check=True)
     print(r.stdout.strip())
     if a.test_dice:
-        from KneeReconLib.evaluate import evaluate_model
-        fast = evaluate_model(None, [a.test_dice], log=lambda m: None)["summary"]
-        ref32 = evaluate_model(None, [a.test_dice], log=lambda m: None, amp=False)["summary"]
-        print("test-set Dice, default path vs fp32: " + ", ".join(
-            f"{b} {fast[f'dice_{b}']['mean']:.4f} vs {ref32[f'dice_{b}']['mean']:.4f}" for b in BONE_NAMES))
+        test_set_dice(a.test_dice, net)
+
+
+def test_set_dice(folder: str, net: torch.nn.Module) -> None:
+    """Dice of the default path and of the fp32 eager reference over a folder of cached cases,
+    and their voxel agreement."""
+    import glob
+
+    from KneeReconLib.dataset import load_case, make_sample
+    from KneeReconLib.evaluate import score_labels
+    from KneeReconLib.surfaces import clean_labels
+
+    rec = Reconstructor()
+    fast, ref, agree = [], [], []
+    for path in sorted(glob.glob(os.path.join(folder, "*.npz"))):
+        case = load_case(path)
+        x, truth = make_sample(case)
+        with torch.inference_mode():
+            raw_ref = net(torch.from_numpy(x)[None]).argmax(1)[0].numpy().astype(np.uint8)
+        raw_fast = rec.predict(x)
+        agree.append((raw_fast == raw_ref).mean())
+        sp = case.grid().spacing[::-1]
+        fast.append(score_labels(clean_labels(raw_fast), truth, sp))
+        ref.append(score_labels(clean_labels(raw_ref), truth, sp))
+    print(f"test set ({len(agree)} cases in {folder}): voxels agreeing with fp32 eager: mean {100 * np.mean(agree):.3f}%, "
+          f"min {100 * np.min(agree):.3f}%")
+    print(f"test-set Dice, default path ({rec.precision}) vs fp32 eager: " + ", ".join(
+        f"{b} {np.mean([r[f'dice_{b}'] for r in fast]):.4f} vs {np.mean([r[f'dice_{b}'] for r in ref]):.4f}"
+        for b in BONE_NAMES))
 
 
 def end_to_end(repeats: int = 3) -> None:
