@@ -91,6 +91,11 @@ def main():
     final = os.path.join(a.out, "kneerecon_unet.pt")
     save_model(final, net, card, half=True)
     os.remove(tmp)
+    from KneeReconLib import openvino_backend
+    if openvino_backend.available():  # the fast CPU backend's IR, tied to this file by its SHA-256
+        print(f"wrote {openvino_backend.export_ir(final)}")
+    else:
+        print("warning: openvino is not installed; the bundled OpenVINO IR is now stale (kneerecon export-openvino)")
     table = format_table(res)
     with open(os.path.join(a.out, "MODEL_CARD.md"), "w") as f:
         f.write(f"""# Model card: {card['name']} {card['version']}
