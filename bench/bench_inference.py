@@ -165,7 +165,13 @@ def end_to_end(repeats: int = 3) -> None:
     print(f"end to end (read, load model, back-project, network, clean-up, surfaces, write 8 files): "
           f"median {np.median(ts):.3f} s over {repeats}; stages of the last run: "
           + ", ".join(f"{k} {v:.3f}" for k, v in report["timings_s"].items()))
-    print(f"peak resident memory of that process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    # VmHWM, the high-water mark of this process's own memory map (ru_maxrss would carry over the
+    # parent's peak across fork and exec, overstating the figure)
+    with open("/proc/self/status") as f:
+        hwm = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+    if hwm is None:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory of that process: {hwm:.0f} MB")
 
 
 if __name__ == "__main__":
