@@ -30,6 +30,7 @@ class PhantomConfig:
     patella_follow: tuple[float, float] = (0.55, 0.8)  # patellar rotation / knee flexion
     scale_sd: float = 0.10  # overall size: normal(1, sd), clipped to +-2.5 sd
     shape_sd: float = 0.10  # per-dimension shape factors: normal(1, sd)
+    patella_sd: float | None = None  # the patella's size, thickness and height factors (None: shape_sd)
     warp_mm: tuple[float, float] = (1.0, 3.5)  # amplitude of the smooth random warp per bone
     rotation_deg: tuple[float, float, float] = (4.0, 4.0, 8.0)  # +- about x, y, z
     translation_mm: tuple[float, float, float] = (8.0, 8.0, 15.0)  # +- offsets of the knee
@@ -125,7 +126,10 @@ def sample_parameters(seed: int, config: PhantomConfig) -> dict:
     rng = np.random.default_rng(seed)
     side = config.side if config.side in ("left", "right") else ("left" if rng.random() < 0.5 else "right")
     scale = float(np.clip(rng.normal(1.0, config.scale_sd), 1 - 2.5 * config.scale_sd, 1 + 2.5 * config.scale_sd))
-    f = lambda: float(np.clip(rng.normal(1.0, config.shape_sd), 1 - 2.5 * config.shape_sd, 1 + 2.5 * config.shape_sd))  # noqa: E731
+    def f(sd: float = config.shape_sd) -> float:
+        return float(np.clip(rng.normal(1.0, sd), 1 - 2.5 * sd, 1 + 2.5 * sd))
+
+    pat_sd = config.shape_sd if config.patella_sd is None else config.patella_sd
     flex = float(rng.uniform(*config.flexion_deg))
     p = {
         "seed": int(seed),
@@ -143,7 +147,7 @@ def sample_parameters(seed: int, config: PhantomConfig) -> dict:
         "cancellous_hu": float(rng.uniform(*config.cancellous_hu)),
         "joint_gap_mm": float(rng.uniform(3.0, 6.0)),
         "valgus_deg": float(rng.uniform(3.0, 8.0)),
-        "shape": {k: f() for k in (
+        "shape": {k: f(pat_sd if k.startswith("pat_") else config.shape_sd) for k in (
             "shaft_r", "cond_w", "cond_r", "cond_sep", "epi_w", "epi_d", "notch_w", "plateau_w", "plateau_d",
             "tib_shaft_r", "tuber", "fib_r", "fib_head", "fib_pos", "fib_height", "pat_w", "pat_h", "pat_t", "pat_height",
             "metaphysis")},

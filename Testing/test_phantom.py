@@ -56,3 +56,13 @@ def test_geometry_is_lps_and_centred(phantom_right):
     centre = img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in img.GetSize()])
     assert np.allclose(centre, 0, atol=1e-3)
     assert 0.5 <= img.GetSpacing()[0] <= 1.0
+
+
+def test_patella_spread_widens_only_the_patella():
+    from KneeReconLib.phantom import sample_parameters
+
+    base = [sample_parameters(s, PhantomConfig())["shape"] for s in range(200)]
+    wide = [sample_parameters(s, PhantomConfig(patella_sd=0.25))["shape"] for s in range(200)]
+    for k in ("pat_h", "pat_w", "pat_height"):
+        assert np.std([w[k] for w in wide]) > 1.8 * np.std([b[k] for b in base]), k
+    assert all(w["cond_w"] == b["cond_w"] for w, b in zip(wide, base))  # the other bones are the same knees
