@@ -97,13 +97,7 @@ class FusedUNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
-        skips = []
-        for i, block in enumerate(n.down):
-            if i:
-                x = n.pool(x)
-            x = block(x)
-            skips.append(x)
-        skips.pop()
+        x, skips = n.encode(x)
         for up, block in zip(list(n.up)[:-1], list(n.up_blocks)[:-1]):
             x = block(torch.cat([up(x), skips.pop()], dim=1))
         x = self.rest(self.up_conv(x) + self.skip_conv(skips.pop()))

@@ -124,7 +124,8 @@ class UNet3D(nn.Module):
     def divisor(self) -> int:
         return 2 ** (len(self.config.widths) - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The contracting path: the coarsest features and the skips, finest first."""
         skips = []
         for i, block in enumerate(self.down):
             if i:
@@ -132,6 +133,10 @@ class UNet3D(nn.Module):
             x = block(x)
             skips.append(x)
         skips.pop()
+        return x, skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, skips = self.encode(x)
         for up, block in zip(self.up, self.up_blocks):
             x = up(x)
             x = block(torch.cat([x, skips.pop()], dim=1))
