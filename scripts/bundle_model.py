@@ -34,6 +34,7 @@ def main():
     p.add_argument("--real-like", help="folder of real-like simulated cases (scripts/make_real_like_set.py) to report")
     p.add_argument("--style", help="style model to report on the real-like cases as well")
     p.add_argument("--version", default="0.2.0")
+    p.add_argument("--data-summary", help="the card's training-data sentence (default: N phantoms of the generator)")
     a = p.parse_args()
     src = os.path.join(a.run, "model.pt")
     blob = read_model_file(src)
@@ -46,7 +47,7 @@ def main():
         "file": "kneerecon_unet.pt",
         "intended_use": "Research on bi-planar knee reconstruction. Not a medical device; not validated on clinical radiographs.",
         "training_data": {
-            "summary": f"{a.n_train} synthetic knee CT phantoms (KneeRecon procedural generator, seeds < 900000), parallel-beam DRRs",
+            "summary": a.data_summary or f"{a.n_train} synthetic knee CT phantoms (KneeRecon procedural generator, seeds < 900000), parallel-beam DRRs",
             "phantom_config": PhantomConfig().to_dict(),
             "augmentation": cfg.get("augment"),
             "validation": "8 phantoms, seeds 900000-900007",
