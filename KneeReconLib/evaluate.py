@@ -76,12 +76,12 @@ def summarize(rows: list[dict]) -> dict:
 
 def evaluate_model(model: str | None, data: list[str], device: str = "cpu", out_dir: str | None = None,
                    phantoms: int = 0, seed0: int = TEST_SEED0, log=print, amp: bool = True, tta: bool = False,
-                   backend: str = "auto") -> dict:
+                   backend: str = "auto", ensemble: list[str] | None = None) -> dict:
     """Per-case and mean Dice/Chamfer/ASSD/HD95 of a model on cached cases and/or fresh test
     phantoms; `amp=False` runs the network in fp32 (the reference the fast path is checked against)."""
     if not data and not phantoms:
         raise KneeReconError("nothing to evaluate: give --data FOLDER and/or --phantoms N")
-    rec = Reconstructor(model, device, amp=amp, tta=tta, backend=backend)
+    rec = Reconstructor(model, device, amp=amp, tta=tta, backend=backend, ensemble=ensemble)
     rows = []
     for name, case in _cases(data, phantoms, seed0):
         row = {"case": name, **evaluate_case(rec, case)}
@@ -126,7 +126,8 @@ def print_table(res: dict) -> None:
     print(format_table(res))
 
 
-def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print, style: str | None = None) -> list[dict]:
+def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print, style: str | None = None,
+                   ensemble: list[str] | None = None) -> list[dict]:
     """Reconstruct X-ray files and compare with a 3D truth by physical coordinates.
 
     Each folder holds ap.<ext>, lateral.<ext>, truth.nii.gz and optionally meta.json (side).
@@ -147,7 +148,8 @@ def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu",
         if os.path.exists(os.path.join(d, "meta.json")):
             side = json.load(open(os.path.join(d, "meta.json"))).get("side")
         t0 = time.perf_counter()
-        rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False, style=style)
+        rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False, style=style,
+                          ensemble=ensemble)
         dt = time.perf_counter() - t0
         truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
         pred = sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

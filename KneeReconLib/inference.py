@@ -25,6 +25,8 @@ from .xray_io import XRay, read_xray, with_side
 
 RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Resources")
 DEFAULT_MODEL = os.path.normpath(os.path.join(RESOURCES, "Models", "kneerecon_unet.pt"))
+# the bundled ensemble member (`--ensemble` without a path): ChenNet trained at the U-Net's budget
+DEFAULT_ENSEMBLE = [os.path.normpath(os.path.join(RESOURCES, "Models", "kneerecon_chen.pt"))]
 
 
 def detect_side(labels: np.ndarray, grid: ReconGrid) -> str | None:
@@ -93,9 +95,10 @@ def cpu_has_fast_bf16() -> bool:
 BACKENDS = ("auto", "torch", "openvino")
 
 
-def pick_backend(backend: str, device: str, tta: bool) -> str:
+def pick_backend(backend: str, device: str, averaged: bool) -> str:
     """The network's runtime: OpenVINO on the CPU where the package is installed (faster), else
-    PyTorch; PyTorch always on CUDA and for test-time augmentation (which needs probabilities)."""
+    PyTorch; PyTorch always on CUDA and where probabilities are averaged (`averaged`: test-time
+    augmentation or an ensemble; the OpenVINO model returns labels)."""
     from . import openvino_backend
 
     if backend not in BACKENDS:
@@ -103,12 +106,12 @@ def pick_backend(backend: str, device: str, tta: bool) -> str:
     if backend == "openvino":
         if device != "cpu":
             raise KneeReconError("the OpenVINO backend runs on the CPU only; use --device cpu or --backend torch")
-        if tta:
-            raise KneeReconError("test-time augmentation runs with --backend torch only")
+        if averaged:
+            raise KneeReconError("test-time augmentation and ensembles run with --backend torch only")
         if not openvino_backend.available():
             raise KneeReconError("--backend openvino needs the openvino package (pip install -r requirements.txt)")
         return "openvino"
-    if backend == "auto" and device == "cpu" and not tta and openvino_backend.available():
+    if backend == "auto" and device == "cpu" and not averaged and openvino_backend.available():
         return "openvino"
     return "torch"
 
@@ -117,7 +120,7 @@ class Reconstructor:
     """Holds a loaded model; `run` reconstructs one X-ray pair."""
 
     def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True, style: str | None = None,
-                 tta: bool = False, backend: str = "auto"):
+                 tta: bool = False, backend: str = "auto", ensemble: list[str] | None = None):
         self.model_path = os.path.abspath(model_path or DEFAULT_MODEL)
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
@@ -131,7 +134,7 @@ class Reconstructor:
             self.style_path = style
         self.divisor = net.divisor
         self.amp = amp
-        self.backend = pick_backend(backend, self.device, tta)
+        self.backend = pick_backend(backend, self.device, tta or bool(ensemble))
         # BatchNorm folded into the convolutions and the U-Net's finest decoder level fused
         # (fused_unet.py); bench/bench_inference.py measures each step against fp32 eager
         self.net = fuse_for_inference(fold_batchnorm(net))
@@ -150,6 +153,20 @@ class Reconstructor:
             if bf16:
                 self.dtype = torch.bfloat16
                 self.net = self.net.to(self.dtype)
+        # ensemble members: further models whose class probabilities are averaged with this one's
+        self.members, self.member_cards = [], []
+        for path in ensemble or []:
+            member, card = load_model(os.path.abspath(path), self.device)
+            if int(card.get("grid_size", 128)) != int(self.card.get("grid_size", 128)) or \
+                    member.config.num_classes != net.config.num_classes or member.config.in_channels != net.config.in_channels:
+                raise KneeReconError(f"ensemble member {path!r} does not take the same input or give the same classes "
+                                     "as the main model (grid size, input channels, classes)")
+            member = fuse_for_inference(fold_batchnorm(member))
+            if self.device == "cpu":
+                member = to_channels_last(member).to(self.dtype)
+            self.members.append(member)
+            self.member_cards.append(card)
+            self.divisor = max(self.divisor, member.divisor)
 
     @property
     def precision(self) -> str:
@@ -173,11 +190,14 @@ class Reconstructor:
         cuda_amp = self.amp and self.device.startswith("cuda")
         dt = torch.bfloat16 if not cuda_amp or torch.cuda.is_bf16_supported() else torch.float16
         with torch.inference_mode(), torch.autocast("cuda", dtype=dt, enabled=cuda_amp):
-            if not self.tta:
+            if not self.tta and not self.members:
                 return self.net(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
-            # test-time augmentation: the knee mirrored left<->right (the input flipped along x, the
-            # same input a mirrored knee would give) and the prediction flipped back; probabilities averaged
-            p = torch.softmax(self.net(x).float(), 1) + torch.softmax(self.net(x.flip(-1)).float(), 1).flip(-1)
+            p = 0
+            for net in [self.net] + self.members:
+                p = p + torch.softmax(net(x).float(), 1)
+                if self.tta:  # the knee mirrored left<->right (the input flipped along x, the same
+                    # input a mirrored knee would give) and the prediction flipped back
+                    p = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1)
             return p.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
@@ -286,6 +306,7 @@ class Reconstructor:
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
         rec.detected_side = seen
         rec.precision = self.precision
+        rec.ensemble = [{"name": c.get("name"), "version": c.get("version")} for c in self.member_cards]
         rec.height_offset = offset
         return rec
 
@@ -293,7 +314,8 @@ class Reconstructor:
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
-                style: str | None = None, tta: bool = False, backend: str = "auto") -> Reconstruction:
+                style: str | None = None, tta: bool = False, backend: str = "auto",
+                ensemble: list[str] | None = None) -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
     t0 = time.perf_counter()
     side_ = side or "right"
@@ -303,7 +325,7 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
         lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rec = Reconstructor(model, device, style=style, tta=tta, backend=backend)
+    rec = Reconstructor(model, device, style=style, tta=tta, backend=backend, ensemble=ensemble)
     t_load = time.perf_counter() - t0
     out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
     if side is None:

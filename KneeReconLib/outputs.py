@@ -50,6 +50,7 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "timings_s": {k: round(v, 4) for k, v in {**rec.timings_s, **(extra_timings or {})}.items()},
         "device": rec.device,
         "precision": getattr(rec, "precision", None),
+        "ensemble": getattr(rec, "ensemble", []),
         "height_offset": getattr(rec, "height_offset", None),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "notes": rec.notes,

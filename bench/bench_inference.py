@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from KneeReconLib.backprojection import backproject  # noqa: E402
 from KneeReconLib.checkpoint import load_model  # noqa: E402
 from KneeReconLib.geometry import ReconGrid  # noqa: E402
-from KneeReconLib.inference import DEFAULT_MODEL, Reconstructor, cpu_has_fast_bf16, reconstruct  # noqa: E402
+from KneeReconLib.inference import DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, cpu_has_fast_bf16, reconstruct  # noqa: E402
 from KneeReconLib.labels import BONE_NAMES  # noqa: E402
 from KneeReconLib import openvino_backend  # noqa: E402
 from KneeReconLib.fused_unet import fuse_for_inference  # noqa: E402
@@ -102,6 +102,9 @@ def main():
             print("openvino is not installed: its rows are left out")
         rec = Reconstructor()  # what `kneerecon reconstruct` runs
         modes[f"default path: {rec.precision}"] = timeit(lambda: rec.predict(vol))
+        if all(os.path.exists(p) for p in DEFAULT_ENSEMBLE):
+            ens = Reconstructor(ensemble=DEFAULT_ENSEMBLE)
+            modes[f"--ensemble (U-Net + ChenNet, probabilities averaged): {ens.precision}"] = timeit(lambda: ens.predict(vol))
         if a.compile:
             import torch._inductor.config as inductor_config
             inductor_config.freezing = True
