@@ -69,6 +69,7 @@ class KneeReconParameterNode:
     modelPath: str = ""  # empty: the bundled model
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     createModels: bool = True
+    ensemble: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     exportFolder: str = ""
     exportStl: bool = True
@@ -174,7 +175,7 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         sid=p.sid if p.coneBeam else None, sod=p.sod if p.coneBeam else None,
                         modelPath=p.modelPath or None, device=p.device, segmentationNode=p.outputSegmentation,
                         createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested,
-                        heightOffset="auto" if p.correctHeightOffset else "none")
+                        heightOffset="auto" if p.correctHeightOffset else "none", ensemble=p.ensemble)
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
                     return

@@ -68,16 +68,17 @@ class KneeReconMRMLLogic:
     def reconstruct(self, apNode, lateralNode, side: str = "right", pixelSpacing: float | None = None,
                     sid: float | None = None, sod: float | None = None, modelPath: str | None = None,
                     device: str = "cpu", segmentationNode=None, createModels: bool = True,
-                    progress=None, cancel=None, heightOffset="auto"):
-        """Run KneeRecon and put the result into the scene. Returns the segmentation node; the
+                    progress=None, cancel=None, heightOffset="auto", ensemble: bool = False):
+        """Run KneeRecon and put the result into the scene (`ensemble`: average with the bundled
+        ChenNet, see `kneerecon reconstruct --ensemble`). Returns the segmentation node; the
         full `Reconstruction` is kept in `self.lastReconstruction`."""
-        from KneeReconLib.inference import Reconstructor, pick_device
+        from KneeReconLib.inference import DEFAULT_ENSEMBLE, Reconstructor, pick_device
 
         ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
-        rec = Reconstructor(modelPath, pick_device(device)).run(ap, lat, side, surfaces=createModels,
-                                                               progress=progress, cancel=cancel,
-                                                               height_offset=heightOffset)
+        reconstructor = Reconstructor(modelPath, pick_device(device), ensemble=DEFAULT_ENSEMBLE if ensemble else None)
+        rec = reconstructor.run(ap, lat, side, surfaces=createModels, progress=progress, cancel=cancel,
+                                height_offset=heightOffset)
         self.lastReconstruction = rec
         seg = self.segmentationFromReconstruction(rec, segmentationNode,
                                                   name=f"KneeRecon {side} knee")

@@ -204,3 +204,12 @@ def test_offscreen_render_shows_four_bone_colours(recon, tmp_path):
     if os.environ.get("KNEERECON_SAVE_RENDER"):
         import shutil
         shutil.copy(png, os.environ["KNEERECON_SAVE_RENDER"])
+
+
+def test_ensemble_option_reaches_the_library(recon):
+    scene, logic, seg, ap, lat = recon
+    ens = logic.reconstruct(ap, lat, side="left", ensemble=True, createModels=False)
+    assert ens is not seg and logic.lastReconstruction.ensemble[0]["name"].startswith("KneeRecon ChenNet")
+    labels = logic.lastReconstruction.labels_array()
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+    assert ens.GetSegmentation().GetNumberOfSegments() == 4
