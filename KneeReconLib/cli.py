@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.8x faster), or PyTorch")
     r.add_argument("--ensemble", nargs="*", metavar="MODEL",
                    help="average the class probabilities with further models (alone: the bundled ChenNet); more "
-                        "accurate on every test set we have, about 1.5x the network time (PyTorch backend)")
+                        "accurate on every test set we have, about 3-4x the network time (PyTorch backend)")
     r.add_argument("--tta", action="store_true", help="test-time augmentation: also reconstruct the mirrored knee and "
                                                       "average (about twice the network time)")
     r.add_argument("--style", metavar="MODEL", help="style model (kneerecon train-style): translate real radiographs to "
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=1_000_000, help="first seed of --phantoms (test range)")
     e.add_argument("--ensemble", nargs="*", metavar="MODEL",
                    help="average the class probabilities with further models (alone: the bundled ChenNet); more "
-                        "accurate on every test set we have, about 1.5x the network time (PyTorch backend)")
+                        "accurate on every test set we have, about 3-4x the network time (PyTorch backend)")
     e.add_argument("--tta", action="store_true", help="mirror test-time augmentation (see reconstruct --tta)")
     e.add_argument("--style", metavar="MODEL", help="with --case-dirs: translate the X-rays with this style model first")
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
