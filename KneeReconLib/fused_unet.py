@@ -58,7 +58,7 @@ class UpsampleConv3d(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        T = _phase_taps()
+        T = _phase_taps().to(weight.device)  # on the weights' device (CUDA models too)
         cout, cin = weight.shape[:2]
         fused = torch.einsum("ocklm,pkt,qlu,rmv->opqrctuv", weight.detach().double(), T, T, T)
         self.channels = cout
