@@ -227,7 +227,8 @@ def cmd_evaluate(a) -> int:
             print(f"per-case and summary results in {a.output}/ (comparison.csv, comparison.json)")
         return 0
     if a.case_dirs:
-        rows = evaluate_files(a.model, a.case_dirs, device=a.device, style=a.style, ensemble=_ensemble_arg(a.ensemble))
+        rows = evaluate_files(a.model, a.case_dirs, device=a.device, style=a.style, ensemble=_ensemble_arg(a.ensemble),
+                              backend=a.backend)
         if a.output:
             from .fileio import atomic_write_json
             atomic_write_json(rows, os.path.join(a.output, "evaluation_files.json"))
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     r.add_argument("--force", action="store_true", help="replace an existing output folder")
     r.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
-                   help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.8x faster), or PyTorch")
+                   help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.6x faster), or PyTorch")
     r.add_argument("--ensemble", nargs="*", metavar="MODEL",
                    help="average the class probabilities with further models (alone: the bundled ChenNet); more "
                         "accurate on every test set we have, about 3-4x the network time (PyTorch backend)")
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="folder for evaluation.csv and evaluation.json")
     e.add_argument("--device", default="cpu")
     e.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
-                   help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.8x faster), or PyTorch")
+                   help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.6x faster), or PyTorch")
     e.add_argument("--methods", metavar="M1,M2", help="compare methods on --data in one table: kasten, chen, ssm, "
                    "ssm-perturbed, kasten+ssm (see KneeReconLib/comparison.py)")
     e.add_argument("--chen-model", metavar="MODEL", help="ChenNet model for --methods chen (kneerecon train --arch chen)")

@@ -144,9 +144,15 @@ class Reconstructor:
         if self.backend == "openvino":
             from .openvino_backend import OpenVINONetwork
             size = int(self.card.get("grid_size", 128))
-            self.ov = OpenVINONetwork(self.model_path, self.net, "bf16" if bf16 else "f32",
-                                      (1, int(net.config.in_channels), size, size, size), torch.get_num_threads())
-        elif self.device == "cpu":
+            try:
+                self.ov = OpenVINONetwork(self.model_path, self.net, "bf16" if bf16 else "f32",
+                                          (1, int(net.config.in_channels), size, size, size), torch.get_num_threads())
+            except RuntimeError as e:  # OpenVINO could not convert or compile this model on this CPU
+                if backend == "openvino":
+                    raise KneeReconError(f"OpenVINO could not run {os.path.basename(self.model_path)} "
+                                         f"({str(e).strip().splitlines()[0][:200]}); use --backend torch")
+                self.backend = "torch"
+        if self.backend == "torch" and self.device == "cpu":
             # on the CPU with amp, bf16 weights and activations throughout (no autocast casts per
             # layer) in channels-last 3D, oneDNN's fastest layout
             self.net = to_channels_last(self.net)

@@ -94,3 +94,15 @@ def test_backend_choice_and_errors(monkeypatch):
     assert Reconstructor(MODEL).backend == "torch"  # auto falls back
     with pytest.raises(KneeReconError, match="needs the openvino package"):
         Reconstructor(MODEL, backend="openvino")
+
+
+def test_openvino_failure_falls_back_or_says_so(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Exception from src/plugins/intel_cpu: unsupported\nmore detail")
+
+    monkeypatch.setattr(openvino_backend, "OpenVINONetwork", broken)
+    rec = Reconstructor(MODEL)  # auto: PyTorch instead, the same network
+    assert rec.backend == "torch" and rec.ov is None and "OpenVINO" not in rec.precision
+    assert rec.predict(np.zeros((2, 32, 32, 32), np.float32)).shape == (32, 32, 32)
+    with pytest.raises(KneeReconError, match="OpenVINO could not run kneerecon_unet.pt .*unsupported\\); use --backend torch"):
+        Reconstructor(MODEL, backend="openvino")
