@@ -74,10 +74,18 @@ def cmd_reconstruct_batch(a) -> int:
 def cmd_phantom(a) -> int:
     from .phantom import PhantomConfig, generate_phantom, write_phantom
 
+    if not 0.25 <= a.voxel <= 2.0:
+        raise KneeReconError(f"--voxel must be between 0.25 and 2 mm, got {a.voxel}")
     cfg = PhantomConfig(voxel_mm=a.voxel, side=a.side)
+    llp = _llp26_config(a)
+    if llp is not None:
+        from dataclasses import replace
+
+        from .llp26 import generate_llp26_phantom
+        llp = replace(llp, voxel_mm=a.voxel)
     for i in range(a.count):
         seed = a.seed + i
-        ph = generate_phantom(seed, cfg)
+        ph = generate_phantom(seed, cfg) if llp is None else generate_llp26_phantom(seed, llp, a.shape)
         ct, lab = write_phantom(ph, a.output, f"knee_{seed:07d}")
         with open(os.path.join(a.output, f"knee_{seed:07d}_params.json"), "w") as f:
             json.dump(ph.params, f, indent=1)
@@ -122,8 +130,37 @@ def cmd_cache(a) -> int:
                 save_case(user_case(ct, lab, a.grid_size, label_map=lm), p)
                 print(f"cached {p}")
     else:
-        build_phantom_cache(a.output, range(a.seed, a.seed + a.count), a.grid_size)
+        from .dataset import GeometryConfig
+        from .phantom import PhantomConfig
+
+        geometry = None if a.geometry == "parallel-full" else GeometryConfig(
+            cone_p={"mixed": GeometryConfig.cone_p, "cone": 1.0, "parallel": 0.0}[a.geometry])
+        build_phantom_cache(a.output, range(a.seed, a.seed + a.count), a.grid_size, PhantomConfig(),
+                            geometry=geometry, source=a.source, llp26=_llp26_config(a))
     return 0
+
+
+def _llp26_config(a):
+    """LLP26Config from --subjects (e.g. '1-4,6-9' or 'train' / 'test'); None for the procedural source."""
+    if getattr(a, "source", "procedural") != "llp26":
+        return None
+    from .llp26 import TEST_SUBJECTS, TRAIN_SUBJECTS, LLP26Config, check_subjects
+
+    text = (a.subjects or "train").strip()
+    if text in ("train", "test"):
+        subjects = TRAIN_SUBJECTS if text == "train" else TEST_SUBJECTS
+    else:
+        subjects = []
+        try:
+            for part in text.split(","):
+                lo, _, hi = part.partition("-")
+                subjects += list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise KneeReconError(f"--subjects must be 'train', 'test' or ids like '1-4,6', got {text!r}")
+    cfg = LLP26Config(subjects=check_subjects(subjects), side=getattr(a, "side", "random") or "random")
+    if text == "test" or getattr(a, "exact", False):  # the people themselves: no new shapes, no warp, true size
+        cfg.pca_p, cfg.warp_mm, cfg.scale = 0.0, (0.0, 0.0), (1.0, 1.0)
+    return cfg
 
 
 def cmd_train(a) -> int:
@@ -292,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--output", required=True)
     ph.add_argument("--side", choices=["left", "right", "random"], default="random")
     ph.add_argument("--voxel", type=float, default=1.0, help="voxel size in mm (0.5-1)")
+    ph.add_argument("--source", choices=["procedural", "llp26"], default="procedural",
+                    help="anatomy: KneeRecon's procedural generator, or real people's bone surfaces from the LLP26 "
+                         "shape model (needs kneerecon[anatomy])")
+    ph.add_argument("--subjects", help="llp26: 'train' (default: subjects 1-20 less our test four), 'test' (5,10,15,20, "
+                                       "exact shapes) or ids like '1-4,6'; 21-26 are refused")
+    ph.add_argument("--exact", action="store_true", help="llp26: the subjects' own shapes (no PCA shapes, warp or scaling)")
+    ph.add_argument("--shape", choices=["sample", "mean"], default="sample",
+                    help="llp26: 'mean' builds the training mean shape at the sampled knee's pose (a baseline)")
     ph.set_defaults(func=cmd_phantom)
 
     d = sub.add_parser("drr", help="render AP and lateral DRRs of a CT (written like real X-ray files)")
@@ -315,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--user-data", help="folder of <name>_ct.nii.gz + <name>_labels.nii.gz")
     c.add_argument("--label-map")
     c.add_argument("--grid-size", type=int, default=128)
+    c.add_argument("--source", choices=["procedural", "llp26"], default="procedural", help="anatomy source (see phantom)")
+    c.add_argument("--subjects", help="llp26 subjects (see phantom)")
+    c.add_argument("--exact", action="store_true", help="llp26: the subjects' own shapes")
+    c.add_argument("--geometry", choices=["parallel-full", "mixed", "parallel", "cone"], default="parallel-full",
+                   help="radiograph geometry: parallel-full (parallel beam covering the CT, as before 0.4), mixed (60%% "
+                        "cone beam, SID 900-1300 mm, magnification 1.05-1.3 per view, collimated fields 90 mm up, "
+                        "pixels 0.4-1 mm, varied bone attenuation), or that mix all parallel / all cone")
     c.set_defaults(func=cmd_cache)
 
     t = sub.add_parser("train", help="train the reconstruction network")

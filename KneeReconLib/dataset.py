@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,11 +39,11 @@ class Case:
     lateral: np.ndarray
     ap_geom: ViewGeometry
     lat_geom: ViewGeometry
-    labels: np.ndarray  # uint8 [nz, ny, nx] on ReconGrid.from_views(ap_geom, lat_geom, grid_size)
+    labels: np.ndarray  # uint8 [nz, ny, nx] on ReconGrid.for_network(ap_geom, lat_geom, grid_size)
     meta: dict = field(default_factory=dict)
 
     def grid(self) -> ReconGrid:
-        return ReconGrid.from_views(self.ap_geom, self.lat_geom, self.labels.shape)
+        return ReconGrid.for_network(self.ap_geom, self.lat_geom, self.labels.shape)
 
 
 def labels_on_grid(labels: sitk.Image, grid: ReconGrid) -> np.ndarray:
@@ -53,18 +53,81 @@ def labels_on_grid(labels: sitk.Image, grid: ReconGrid) -> np.ndarray:
 
 
 def case_from_ct(ct_knee: sitk.Image, labels_knee: sitk.Image, grid_size: int = 128,
-                 drr: DRRConfig | None = None, meta: dict | None = None) -> Case:
-    """A training case from a CT and label map already in the knee frame."""
-    views = render_drr(ct_knee, drr)
+                 drr: DRRConfig | None = None, meta: dict | None = None,
+                 lateral_drr: DRRConfig | None = None) -> Case:
+    """A training case from a CT and label map already in the knee frame; `lateral_drr` (default:
+    `drr`) gives the lateral view its own geometry."""
+    if lateral_drr is None:
+        views = render_drr(ct_knee, drr)
+    else:
+        views = {**render_drr(ct_knee, replace(drr or DRRConfig(), views=("ap",))),
+                 **render_drr(ct_knee, replace(lateral_drr, views=("lateral",)))}
     ap, ga = views["ap"]
     lat, gl = views["lateral"]
-    grid = ReconGrid.from_views(ga, gl, grid_size)
+    grid = ReconGrid.for_network(ga, gl, grid_size)
     return Case(ap, lat, ga, gl, labels_on_grid(labels_knee, grid), meta or {})
 
 
-def phantom_case(seed: int, grid_size: int = 128, config: PhantomConfig | None = None) -> Case:
-    ph = generate_phantom(seed, config)
-    return case_from_ct(ph.ct, ph.labels, grid_size, meta={"source": "phantom", **ph.params})
+@dataclass
+class GeometryConfig:
+    """How training radiographs are formed: beam geometry per view, field of view, detector
+    pixels and the HU-to-attenuation slope (uniform ranges)."""
+
+    cone_p: float = 0.6  # per case: cone beam (each view its own SID and magnification) vs parallel
+    sid_mm: tuple[float, float] = (900.0, 1300.0)
+    magnification: tuple[float, float] = (1.05, 1.3)
+    iso_pixel_mm: tuple[float, float] = (0.4, 1.0)  # detector pixel at the isocentre
+    collimate_p: float = 0.5  # per view: a field of view smaller than the CT
+    min_fov_mm: float = 90.0  # tightest collimation (height and width)
+    bone_slope: tuple[float, float] = (0.9, 1.6)
+
+    def sample(self, ct: sitk.Image, side: str, rng: np.random.Generator) -> tuple[DRRConfig, DRRConfig, dict]:
+        """(AP config, lateral config, what was drawn) for one knee CT."""
+        ext = np.array(ct.GetSize()) * np.array(ct.GetSpacing())
+        cone = rng.random() < self.cone_p
+        slope = float(rng.uniform(*self.bone_slope))
+        iso_px = float(rng.uniform(*self.iso_pixel_mm))
+        out, drawn = [], {"beam": "cone" if cone else "parallel", "bone_slope": slope, "iso_pixel_mm": iso_px}
+        for view, wa in (("ap", 0), ("lateral", 1)):
+            sid = float(rng.uniform(*self.sid_mm)) if cone else None
+            sod = sid / float(rng.uniform(*self.magnification)) if cone else None
+            w_mm, h_mm = ext[wa], ext[2]
+            if rng.random() < self.collimate_p:
+                w_mm = float(rng.uniform(min(self.min_fov_mm + 10, w_mm), w_mm))
+                h_mm = float(rng.uniform(min(self.min_fov_mm, h_mm), h_mm))
+            mag = sid / sod if cone else 1.0
+            size = (int(round(w_mm / iso_px)), int(round(h_mm / iso_px)))
+            out.append(DRRConfig(pixel_spacing=iso_px * mag, size=size, sid=sid, sod=sod, side=side, bone_slope=slope))
+            drawn[view] = {"sid": sid, "sod": sod, "fov_mm": [round(w_mm, 1), round(h_mm, 1)]}
+        # one height for both views (DESIGN.md's grid takes the common height)
+        h = min(out[0].size[1] * out[0].pixel_spacing / (out[0].sid / out[0].sod if cone else 1.0),
+                out[1].size[1] * out[1].pixel_spacing / (out[1].sid / out[1].sod if cone else 1.0))
+        for i in range(2):
+            m = out[i].sid / out[i].sod if cone else 1.0
+            out[i] = replace(out[i], size=(out[i].size[0], int(round(h / (out[i].pixel_spacing / m)))))
+        return out[0], out[1], drawn
+
+
+SOURCES = ("procedural", "llp26")
+
+
+def phantom_case(seed: int, grid_size: int = 128, config: PhantomConfig | None = None,
+                 geometry: GeometryConfig | None = None, source: str = "procedural", llp26=None) -> Case:
+    """A training case from a generated knee: `source` 'procedural' (phantom.py, `config`) or
+    'llp26' (real people's bone surfaces, llp26.py, `llp26` an LLP26Config); parallel-beam DRRs
+    covering the CT unless `geometry` draws the radiograph geometry (seeded by `seed`)."""
+    if source == "procedural":
+        ph = generate_phantom(seed, config)
+    elif source == "llp26":
+        from .llp26 import generate_llp26_phantom
+        ph = generate_llp26_phantom(seed, llp26)
+    else:
+        raise KneeReconError(f"unknown anatomy source {source!r}; use one of {', '.join(SOURCES)}")
+    meta = {"source": source if source == "llp26" else "phantom", **ph.params}
+    if geometry is None:
+        return case_from_ct(ph.ct, ph.labels, grid_size, meta=meta)
+    da, dl, drawn = geometry.sample(ph.ct, ph.params["side"], np.random.default_rng([seed, 11, SOURCES.index(source)]))
+    return case_from_ct(ph.ct, ph.labels, grid_size, da, {**meta, "geometry": drawn}, lateral_drr=dl)
 
 
 def save_case(case: Case, path: str) -> None:
@@ -84,14 +147,16 @@ def load_case(path: str) -> Case:
 
 
 def build_phantom_cache(folder: str, seeds, grid_size: int = 128, config: PhantomConfig | None = None,
-                        log=print) -> list[str]:
-    """Generate (or skip if present) one cached case per seed; resumable."""
+                        log=print, geometry: GeometryConfig | None = None, source: str = "procedural",
+                        llp26=None) -> list[str]:
+    """Generate (or skip if present) one cached case per seed; resumable. See `phantom_case`."""
     os.makedirs(folder, exist_ok=True)
     paths = []
+    prefix = "phantom" if source == "procedural" else source
     for s in seeds:
-        p = os.path.join(folder, f"phantom_{s:07d}.npz")
+        p = os.path.join(folder, f"{prefix}_{s:07d}.npz")
         if not os.path.exists(p):
-            save_case(phantom_case(int(s), grid_size, config), p)
+            save_case(phantom_case(int(s), grid_size, config, geometry, source, llp26), p)
             log(f"cached {p}")
         paths.append(p)
     return paths
@@ -242,7 +307,7 @@ def make_sample(case: Case, rng: np.random.Generator | None = None, aug: Augment
             labels = labels[:, :, ::-1]
         dz = rng.uniform(-aug.offset_mm, aug.offset_mm)
         dx, dy = rng.uniform(-aug.shift_mm, aug.shift_mm, 2)
-    grid = ReconGrid.from_views(ga, gl, labels.shape)
+    grid = ReconGrid.for_network(ga, gl, labels.shape)
     x = backproject(XRay(normalize_intensity(ap), ga), XRay(normalize_intensity(lat), gl), grid,
                     lateral_offset_mm=dz, shift_mm=(dx, dy))
     if dx or dy:

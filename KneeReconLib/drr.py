@@ -23,13 +23,14 @@ MU_WATER_PER_MM = 0.02
 BONE_SLOPE = 1.2
 
 
-def hu_to_mu(hu):
-    """Linear attenuation (1/mm) from Hounsfield units; numpy or torch in, same out."""
+def hu_to_mu(hu, bone_slope: float = BONE_SLOPE):
+    """Linear attenuation (1/mm) from Hounsfield units; numpy or torch in, same out.
+    `bone_slope`: relative attenuation per 1000 HU above water (tube voltage, filtration)."""
     if isinstance(hu, torch.Tensor):
-        rel = torch.where(hu > 0, 1.0 + BONE_SLOPE * hu / 1000.0, 1.0 + hu / 1000.0)
+        rel = torch.where(hu > 0, 1.0 + bone_slope * hu / 1000.0, 1.0 + hu / 1000.0)
         return MU_WATER_PER_MM * rel.clamp_min(0.0)
     hu = np.asarray(hu, dtype=np.float32)
-    rel = np.where(hu > 0, 1.0 + BONE_SLOPE * hu / 1000.0, 1.0 + hu / 1000.0)
+    rel = np.where(hu > 0, 1.0 + bone_slope * hu / 1000.0, 1.0 + hu / 1000.0)
     return (MU_WATER_PER_MM * np.maximum(rel, 0.0)).astype(np.float32)
 
 
@@ -146,6 +147,8 @@ class DRRConfig:
     side: str = "right"
     method: str = "planes"  # "planes": Joseph's method, one sample per CT plane; "raymarch": n_samples per ray
     n_samples: int = 384
+    bone_slope: float = BONE_SLOPE  # see hu_to_mu
+    views: tuple[str, ...] = ("ap", "lateral")  # which views to render
 
 
 def render_drr(ct: sitk.Image, config: DRRConfig | None = None, device: str = "cpu") -> dict:
@@ -157,11 +160,13 @@ def render_drr(ct: sitk.Image, config: DRRConfig | None = None, device: str = "c
     if not np.allclose(np.array(ct.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-6):
         raise ValueError("render_drr needs an axis-aligned LPS volume: call frame.to_knee_frame first")
     grid = ReconGrid(shape=(int(n[2]), int(n[1]), int(n[0])), spacing=tuple(sp), origin=tuple(ct.GetOrigin()))
-    mu = torch.from_numpy(hu_to_mu(sitk.GetArrayFromImage(ct))).to(device)
+    mu = torch.from_numpy(hu_to_mu(sitk.GetArrayFromImage(ct), config.bone_slope)).to(device)
     cone = config.sid is not None
     mag = config.sid / config.sod if cone else 1.0
     out = {}
     for view, (wa, ha) in (("ap", (0, 2)), ("lateral", (1, 2))):
+        if view not in config.views:
+            continue
         iso_px = config.pixel_spacing / mag if config.pixel_spacing else float(min(sp[wa], sp[ha]))
         det_px = iso_px * mag
         if config.size:

@@ -10,6 +10,9 @@ import SimpleITK as sitk
 from .errors import KneeReconError
 
 VIEWS = ("ap", "lateral")
+# extents (x, y, z) in mm that the network sees at its grid size: the range of the training cases'
+# own grids (CT fields of view 130-175 mm across and 180-250 mm high)
+NETWORK_EXTENT_MM = ((128.0, 180.0), (128.0, 180.0), (180.0, 250.0))
 SIDES = ("left", "right")
 
 
@@ -117,6 +120,18 @@ class ReconGrid:
                 "spacing, and the SID/SOD geometry")
         n = (size, size, size) if isinstance(size, int) else tuple(size)
         return cls.centered((ap.iso_extent[0], lateral.iso_extent[0], min(ha, hl)), n)
+
+    @classmethod
+    def for_network(cls, ap: ViewGeometry, lateral: ViewGeometry, size: int | tuple[int, int, int] = 128) -> "ReconGrid":
+        """The grid the network runs on: DESIGN.md's grid (`from_views`) with each extent clamped
+        to `NETWORK_EXTENT_MM`, the range the network was trained at, so that a tightly
+        collimated image (the grid is padded beyond it) and a large cassette (the grid is cropped
+        around the isocentre) show the bones at the same scale. Outputs are resampled from it onto
+        `from_views`' grid by physical coordinates."""
+        design = cls.from_views(ap, lateral, size)
+        n = design.shape[::-1]
+        ext = [float(np.clip(s * k, *NETWORK_EXTENT_MM[a])) for a, (s, k) in enumerate(zip(design.spacing, n))]
+        return cls.centered(ext, n)
 
     def axis(self, a: int) -> np.ndarray:
         """Voxel-centre coordinates along x (0), y (1) or z (2)."""

@@ -217,11 +217,12 @@ def _fibula(x, y, z, p, s, ytp, pw, pd):
 
 def _patella(x, y, z, p, s, ycc, zc):
     sh = p["shape"]
-    t = 12.5 * s * sh["pat_t"]
+    t = 10.5 * s * sh["pat_t"]
     cy = ycc - 13 * s - 24 * s - 4.0 - t  # clear of the trochlea, so carving does not eat it
     cz = zc + 22 * s * sh["pat_height"]
-    d = _ellipsoid(x, y, z, (-3 * s, cy, cz), (23.5 * s * sh["pat_w"], t, 24.5 * s * sh["pat_h"]))
-    ridge = _ellipsoid(x, y, z, (-3 * s, cy + t * 0.55, cz), (9 * s, 7 * s, 17 * s * sh["pat_h"]))
+    # adult patellae are about 10-25 ml (the radii before 0.4 gave 23-47 ml)
+    d = _ellipsoid(x, y, z, (-3 * s, cy, cz), (21.0 * s * sh["pat_w"], t, 20.5 * s * sh["pat_h"]))
+    ridge = _ellipsoid(x, y, z, (-3 * s, cy + t * 0.55, cz), (8 * s, 6 * s, 14 * s * sh["pat_h"]))
     return _smooth_union(d, ridge, 3.0)
 
 
@@ -285,7 +286,7 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
 
     # soft tissue: thigh in the femur frame, calf in the tibia frame, blended at the joint
     g = p["girth"]
-    pat_front = float(ycc - 37 * s - 4.0 - 25.0 * s * p["shape"]["pat_t"])
+    pat_front = float(ycc - 37 * s - 4.0 - 21.0 * s * p["shape"]["pat_t"])
     ant = pat_front - 8.0 * g
     def leg(xx, yy, zz, rx, ry_post):
         cy = (ant + ry_post) / 2
@@ -296,6 +297,28 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
     d_leg = _smooth_union(thigh, calf, 15.0)
     del kx, ky, kz, tx, ty, tz
 
+    ct = fill_ct(labels, d_leg, ax_z[:, None, None] - t[2], s, p, vox)
+    origin = (float(ax_xy[0]), float(ax_xy[0]), float(ax_z[0]))
+    return to_phantom(ct, labels, origin, vox, p)
+
+
+def to_phantom(ct: np.ndarray, labels: np.ndarray, origin, vox: float, params: dict) -> Phantom:
+    """Arrays (k, j, i) on an axis-aligned grid -> a Phantom with int16 HU and uint8 labels."""
+    ct_img = sitk.GetImageFromArray(np.clip(np.rint(ct), -1024, 3071).astype(np.int16))
+    lab_img = sitk.GetImageFromArray(labels)
+    for im in (ct_img, lab_img):
+        im.SetSpacing((vox, vox, vox))
+        im.SetOrigin(tuple(float(o) for o in origin))
+    return Phantom(ct=ct_img, labels=lab_img, params=params)
+
+
+def fill_ct(labels: np.ndarray, d_leg: np.ndarray, z_from_joint: np.ndarray, scale: float, p: dict,
+            vox: float) -> np.ndarray:
+    """HU volume for a knee: air outside the leg (`d_leg` >= 0, mm), skin, fat and textured muscle
+    inside; bone (labels > 0) as a cortical shell from a real distance map, thick along the shafts
+    and thin at the ends (`z_from_joint`, mm, broadcastable to the grid), over cancellous bone with
+    texture that fades toward the marrow of the shafts. Uses p's girth-independent tissue draws
+    (fat_mm, cortical_hu, cancellous_hu, texture_seed)."""
     trng = np.random.default_rng(p["texture_seed"])
     ct = np.full(labels.shape, -1000.0, np.float32)
     inside = d_leg < 0
@@ -303,26 +326,17 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
     ct[(d_leg < 0) & (d_leg > -(1.5 + p["fat_mm"]))] = -95.0
     ct[(d_leg < 0) & (d_leg > -1.5)] = 25.0
 
-    # bone: cortical shell from a real distance map, thicker along the shafts; marrow fades in
     bone = labels > 0
     dist = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
         sitk.GetImageFromArray(bone.astype(np.uint8)), insideIsPositive=True, squaredDistance=False,
         useImageSpacing=False)) * vox
-    zk = ax_z[:, None, None] - t[2]
-    shaft_w = np.clip((np.abs(zk) - 45.0 * s) / 50.0, 0.0, 1.0)  # 0 near the joint, 1 in the diaphysis
+    shaft_w = np.clip((np.abs(z_from_joint) - 45.0 * scale) / 50.0, 0.0, 1.0)  # 0 near the joint, 1 in the diaphysis
     cortex_mm = 1.5 + 3.5 * shaft_w
     interior = p["cancellous_hu"] * (1.0 - 0.85 * shaft_w) + 60.0 * _smooth_noise(trng, labels.shape, 3)
     cortical = p["cortical_hu"] * (0.85 + 0.15 * shaft_w)
     bone_hu = np.where(dist <= cortex_mm, cortical, interior)
     ct[bone] = np.broadcast_to(bone_hu, ct.shape)[bone]
-
-    origin = (float(ax_xy[0]), float(ax_xy[0]), float(ax_z[0]))
-    ct_img = sitk.GetImageFromArray(np.clip(np.rint(ct), -1024, 3071).astype(np.int16))
-    lab_img = sitk.GetImageFromArray(labels)
-    for im in (ct_img, lab_img):
-        im.SetSpacing((vox, vox, vox))
-        im.SetOrigin(origin)
-    return Phantom(ct=ct_img, labels=lab_img, params=p)
+    return ct
 
 
 def _smooth_noise(rng: np.random.Generator, shape, cell: int) -> np.ndarray:
