@@ -133,8 +133,10 @@ def cmd_cache(a) -> int:
         from .dataset import GeometryConfig
         from .phantom import PhantomConfig
 
+        if not 0.0 <= a.collimate_p <= 1.0:
+            raise KneeReconError(f"--collimate-p must be between 0 and 1, got {a.collimate_p}")
         geometry = None if a.geometry == "parallel-full" else GeometryConfig(
-            cone_p={"mixed": GeometryConfig.cone_p, "cone": 1.0, "parallel": 0.0}[a.geometry])
+            cone_p={"mixed": GeometryConfig.cone_p, "cone": 1.0, "parallel": 0.0}[a.geometry], collimate_p=a.collimate_p)
         build_phantom_cache(a.output, range(a.seed, a.seed + a.count), a.grid_size, PhantomConfig(),
                             geometry=geometry, source=a.source, llp26=_llp26_config(a))
     return 0
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="radiograph geometry: parallel-full (parallel beam covering the CT, as before 0.4), mixed (60%% "
                         "cone beam, SID 900-1300 mm, magnification 1.05-1.3 per view, collimated fields 90 mm up, "
                         "pixels 0.4-1 mm, varied bone attenuation), or that mix all parallel / all cone")
+    c.add_argument("--collimate-p", type=float, default=0.5,  # GeometryConfig.collimate_p
+                   help="with --geometry mixed/parallel/cone: share of views with a field smaller than the CT (default 0.5)")
     c.set_defaults(func=cmd_cache)
 
     t = sub.add_parser("train", help="train the reconstruction network")

@@ -41,6 +41,14 @@ def detect_side(labels: np.ndarray, grid: ReconGrid) -> str | None:
     return "left" if dx > 0 else "right"
 
 
+def resample_labels(labels: np.ndarray, src: ReconGrid, dst: ReconGrid) -> np.ndarray:
+    """A label map on `src` moved onto `dst` by physical coordinates (nearest neighbour,
+    background outside `src`)."""
+    out = sitk.Resample(src.to_image(np.ascontiguousarray(labels)), dst.reference_image(), sitk.Transform(),
+                        sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out)
+
+
 class Cancelled(Exception):
     """Raised when the caller's cancel callback asks to stop."""
 
@@ -245,7 +253,12 @@ class Reconstructor:
         elif tall > LONG_IMAGE_MM:
             notes.append(f"the images are {tall:.0f} mm tall (cone beam: not cropped); the grid is coarse - crop the "
                          "images to the knee for a better result")
-        grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)
+        out_grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)  # DESIGN.md's grid, for the outputs
+        grid = ReconGrid.for_network(ap.geometry, lateral.geometry, size)  # the scale the network was trained at
+        if grid != out_grid:
+            notes.append("the images' field of view is outside the trained range: the network ran on a "
+                         f"{' x '.join(f'{s * n:.0f}' for s, n in zip(grid.spacing, grid.shape[::-1]))} mm grid around "
+                         "the isocentre, resampled onto the output grid")
         # collimator shadows (flat white bands at the edges) are not anatomy: the exposed field's
         # edges are continued over them, as the network saw image edges in training
         views = {}
@@ -285,6 +298,9 @@ class Reconstructor:
         check(0.6, "cleaning the label map")
         t0 = time.perf_counter()
         lab = clean_labels(raw)
+        if grid != out_grid:
+            lab = resample_labels(lab, grid, out_grid)
+        grid = out_grid
         t["postprocess"] = time.perf_counter() - t0
         if z_centre:  # back from the cropped window's frame to the images' own
             grid = ReconGrid(grid.shape, grid.spacing, (grid.origin[0], grid.origin[1], grid.origin[2] + z_centre))

@@ -153,7 +153,7 @@ def _polydata(v: np.ndarray, t: np.ndarray):
     pts.SetData(numpy_to_vtk(np.ascontiguousarray(v, dtype=np.float64), deep=True))
     cells = vtk.vtkCellArray()
     conn = np.hstack([np.full((len(t), 1), 3), np.asarray(t)]).astype(np.int64).ravel()
-    cells.SetCells(len(t), numpy_to_vtkIdTypeArray(conn, deep=True))
+    cells.ImportLegacyFormat(numpy_to_vtkIdTypeArray(conn, deep=True))
     pd = vtk.vtkPolyData()
     pd.SetPoints(pts)
     pd.SetPolys(cells)
