@@ -61,8 +61,34 @@ class KneeReconMRMLLogic:
         sp = node.GetSpacing()
         spacing = (pixelSpacing, pixelSpacing) if pixelSpacing else (sp[0], sp[1])
         h, w = arr.shape
+        info = {"file": node.GetName(), "spacing_source": "option" if pixelSpacing else "volume node"}
+        if sid is None and sod is None:  # cone-beam geometry recorded in the file the node was loaded from
+            sid, sod = self._fileConeGeometry(node)
+            if sid is not None:
+                info["geometry_source"] = "file header (KneeRecon_SID_mm, KneeRecon_SOD_mm)"
         geom = ViewGeometry(view, w, h, tuple(float(s) for s in spacing), sid, sod, side)
-        return XRay(arr.astype(np.float32), geom, {"file": node.GetName(), "spacing_source": "option" if pixelSpacing else "volume node"})
+        return XRay(arr.astype(np.float32), geom, info)
+
+    @staticmethod
+    def _fileConeGeometry(node):
+        """(SID, SOD) from the header of the node's file as `kneerecon drr` writes it, else (None, None)."""
+        import SimpleITK as sitk
+
+        storage = node.GetStorageNode()
+        path = storage.GetFileName() if storage is not None else None
+        if not path or not os.path.isfile(path):
+            return None, None
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        try:
+            reader.ReadImageInformation()
+            keys = ("KneeRecon_SID_mm", "KneeRecon_SOD_mm")
+            if all(reader.HasMetaDataKey(k) for k in keys):
+                sid, sod = (float(reader.GetMetaData(k)) for k in keys)
+                return (sid, sod) if 0 < sod < sid else (None, None)
+        except (RuntimeError, ValueError):
+            pass
+        return None, None
 
     # ------------------------------------------------------------------ main entry
     def reconstruct(self, apNode, lateralNode, side: str = "right", pixelSpacing: float | None = None,

@@ -89,6 +89,7 @@ def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] |
     dicom = _is_dicom(path)
     info: dict = {"file": os.path.abspath(path)}
     tags = {k: _tag(img, k) for k in ("0018|1164", "0028|0030", "0028|0004", "0018|1110", "0018|1111")}  # slicing drops them
+    meta = {k: _tag(img, k) for k in ("KneeRecon_SID_mm", "KneeRecon_SOD_mm")}
     if img.GetNumberOfComponentsPerPixel() > 1:  # RGB(A) screenshots: luminance
         comps = [sitk.VectorIndexSelectionCast(img, i, sitk.sitkFloat32) for i in range(min(3, img.GetNumberOfComponentsPerPixel()))]
         img = comps[0] * 0.299 + comps[1] * 0.587 + comps[2] * 0.114 if len(comps) == 3 else comps[0]
@@ -133,6 +134,11 @@ def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] |
     elif not path.lower().endswith(_NO_SPACING_EXT):
         spacing = tuple(float(s) for s in img.GetSpacing())
         info["spacing_source"] = "file"
+        if sid is None and sod is None:  # cone-beam geometry that `write_xray` (kneerecon drr) recorded
+            dsd, dsp = (_floats(meta[k]) for k in ("KneeRecon_SID_mm", "KneeRecon_SOD_mm"))
+            if dsd and dsp:
+                sid, sod = dsd[0], dsp[0]
+                info["geometry_source"] = "file header (KneeRecon_SID_mm, KneeRecon_SOD_mm)"
     if spacing is None:
         raise KneeReconError(
             f"the {view} image {path!r} carries no pixel spacing (PNG/JPEG/TIFF files and DICOM without "

@@ -39,6 +39,7 @@ def test_resample_labels_by_physical_coordinates():
 
 
 def _knee(seed: int, subject: int, side: str):
+    pytest.importorskip("musculoskeletal.models")
     from KneeReconLib.llp26 import LLP26Config, generate_llp26_phantom
 
     cfg = LLP26Config(subjects=(subject,), pca_p=0.0, warp_mm=(0.0, 0.0), scale=(1.0, 1.0), side=side,
@@ -70,9 +71,6 @@ def _truth_dice(rec, truth: sitk.Image) -> np.ndarray:
     t = sitk.GetArrayFromImage(sitk.Resample(truth, rec.grid.reference_image(), sitk.Transform(),
                                              sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
     return dice_per_class(rec.labels_array(), t)
-
-
-pytest.importorskip("musculoskeletal.models")
 
 
 def test_two_fields_of_view_and_magnifications_give_the_same_bones(recon):
@@ -109,3 +107,39 @@ def test_bundled_model_on_a_held_out_person_through_files(tmp_path, beam):
     d = _truth_dice(rec, ph.labels)
     assert d[1] > 0.9 and d[3] > 0.9, d
     assert d[2] > 0.6 and d[4] > 0.6, d
+
+
+def test_training_geometry_sampling():
+    """Cone/parallel per case, each view its own SID and magnification in range, one common height
+    at the isocentre (DESIGN.md's grid needs it), fields of view from 90 mm up; deterministic."""
+    from KneeReconLib.dataset import GeometryConfig
+
+    ct = sitk.Image([150, 150, 220], sitk.sitkInt16)
+    geo = GeometryConfig()
+    beams = []
+    for seed in range(40):
+        da, dl, drawn = geo.sample(ct, "left", np.random.default_rng(seed))
+        again = geo.sample(ct, "left", np.random.default_rng(seed))
+        assert (da, dl) == again[:2]
+        beams.append(drawn["beam"])
+        views = []
+        for d, name in ((da, "ap"), (dl, "lateral")):
+            m = d.sid / d.sod if d.sid else 1.0
+            assert (d.sid is None) == (drawn["beam"] == "parallel")
+            if d.sid:
+                assert 900 <= d.sid <= 1300 and 1.05 <= m <= 1.3
+            views.append(ViewGeometry(name, *d.size, (d.pixel_spacing, d.pixel_spacing), d.sid, d.sod, "left"))
+            assert 0.4 - 1e-9 <= d.pixel_spacing / m <= 1.0 + 1e-9
+        ha, hl = views[0].iso_extent[1], views[1].iso_extent[1]
+        assert abs(ha - hl) < 2.0 and 89.0 <= min(ha, hl) <= 221.0
+        ReconGrid.from_views(*views, 128)  # accepted by DESIGN.md's grid
+    assert 10 < beams.count("cone") < 35
+
+
+def test_cone_geometry_travels_in_the_file_header(tmp_path):
+    g = ViewGeometry("lateral", 64, 80, (0.6, 0.6), 1100.0, 950.0, "left")
+    write_xray(np.random.default_rng(0).random((80, 64)), g, str(tmp_path / "lat.nrrd"))
+    x = read_xray(str(tmp_path / "lat.nrrd"), "lateral", side="left")
+    assert (x.geometry.sid, x.geometry.sod) == (1100.0, 950.0) and "header" in x.info["geometry_source"]
+    y = read_xray(str(tmp_path / "lat.nrrd"), "lateral", sid=1000.0, sod=900.0, side="left")  # an option wins
+    assert (y.geometry.sid, y.geometry.sod) == (1000.0, 900.0)
