@@ -46,7 +46,7 @@ class KneeReconMRMLLogic:
         self.scene = scene or slicer.mrmlScene
 
     @classmethod
-    def getReconstructor(cls, modelPath: str | None = None, device: str = "auto", backend: str = "auto",
+    def getReconstructor(cls, modelPath: str | None = None, device: str = "cpu", backend: str = "auto",
                          ensemble: bool = False):
         """The KneeReconLib Reconstructor for these settings, loaded on first use and then kept. A
         model file changed on disk since it was loaded (size or time) is loaded again."""

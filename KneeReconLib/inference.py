@@ -42,6 +42,14 @@ def torch_available() -> bool:
         return False
 
 
+def _may_have_cuda() -> bool:
+    """False where there certainly is no CUDA GPU (Linux without the NVIDIA driver), so that
+    --device auto need not import PyTorch (seconds) to find out."""
+    import sys
+
+    return not sys.platform.startswith("linux") or os.path.exists("/proc/driver/nvidia")
+
+
 def needs_torch(what: str):
     """`import torch`, or a KneeReconError (exit 2) that says what needed it and how to install it."""
     try:
@@ -104,7 +112,7 @@ def pick_device(device: str) -> str:
     if device == "cpu":
         return device
     if device == "auto":
-        if not torch_available():  # no PyTorch, no GPU inference: the CPU (OpenVINO)
+        if not torch_available() or not _may_have_cuda():  # no GPU inference: the CPU (OpenVINO), torch not imported
             return "cpu"
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
