@@ -1,5 +1,7 @@
 """KneeRecon Slicer module: GUI and self-test. The work is done by KneeReconMRMLLogic (MRML <->
-library) and KneeReconLib (numerics); torch and scikit-image are imported only when used."""
+library) and KneeReconLib (numerics). Reconstruction needs one package Slicer does not ship, the
+OpenVINO runtime (installed on first use, after asking); PyTorch (the PyTorch extension) only for
+the torch backend, a GPU, the ensemble or a model that has no converted network yet."""
 import logging
 import os
 from typing import Annotated, Optional
@@ -17,7 +19,7 @@ from slicer.util import VTKObservationMixin
 from KneeReconMRMLLogic import KneeReconMRMLLogic
 
 TORCH_REQUIREMENT = ">=2.1"
-OPENVINO_REQUIREMENT = "openvino>=2025.1"  # the fast CPU backend (KneeReconLib/openvino_backend.py)
+OPENVINO_REQUIREMENT = "openvino>=2025.1"  # the network's CPU runtime (KneeReconLib/openvino_backend.py), ~60 MB
 
 
 class KneeRecon(ScriptedLoadableModule):
@@ -38,15 +40,24 @@ class KneeRecon(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
+def _bundledFile(*parts) -> str:
+    """A file of the bundled Resources (models, sample): <module>/Resources/... once installed (CMake puts
+    them beside the module), <repository>/Resources/... in the source tree."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.join(here, "Resources"), os.path.join(here, "..", "Resources")):
+        path = os.path.join(root, *parts)
+        if os.path.exists(path):
+            return os.path.normpath(path)
+    return os.path.normpath(os.path.join(here, "Resources", *parts))
+
+
 def registerSampleData():
     """The bundled AP + lateral pair in the Sample Data module."""
     import pathlib
 
     import SampleData
 
-    sample = os.path.join(os.path.dirname(__file__), "Resources", "Sample")
-    if not os.path.isdir(sample):  # source tree layout
-        sample = os.path.join(os.path.dirname(__file__), "..", "Resources", "Sample")
+    sample = os.path.dirname(_bundledFile("Sample", "ap.nrrd"))
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "KneeRecon.png")
     files = ["ap.nrrd", "lateral.nrrd"]
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
@@ -68,6 +79,7 @@ class KneeReconParameterNode:
     sod: Annotated[float, WithinRange(50.0, 5000.0)] = 1000.0
     modelPath: str = ""  # empty: the bundled model
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    backend: Annotated[str, Choice(["auto", "openvino", "torch"])] = "auto"
     createModels: bool = True
     ensemble: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
@@ -167,7 +179,8 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         t0 = time.time()
         try:
             with slicer.util.tryWithErrorDisplay(_("KneeRecon could not reconstruct this pair."), waitCursor=True):
-                self.logic.ensureDependencies()
+                self.logic.ensureDependencies(backend=p.backend, device=p.device, ensemble=p.ensemble,
+                                              modelPath=p.modelPath or None)
                 from KneeReconLib.inference import Cancelled
                 try:
                     seg = self.logic.reconstruct(
@@ -175,7 +188,8 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         sid=p.sid if p.coneBeam else None, sod=p.sod if p.coneBeam else None,
                         modelPath=p.modelPath or None, device=p.device, segmentationNode=p.outputSegmentation,
                         createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested,
-                        heightOffset="auto" if p.correctHeightOffset else "none", ensemble=p.ensemble)
+                        heightOffset="auto" if p.correctHeightOffset else "none", ensemble=p.ensemble,
+                        backend=p.backend)
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
                     return
@@ -212,8 +226,6 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
     """Module logic: the Qt-free KneeReconMRMLLogic plus parameter node, dependencies and views."""
 
-    openvinoOffered = False  # ask about the optional OpenVINO install once per Slicer session
-
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         KneeReconMRMLLogic.__init__(self, slicer.mrmlScene)
@@ -221,39 +233,68 @@ class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
     def getParameterNode(self):
         return KneeReconParameterNode(super().getParameterNode())
 
-    def ensureDependencies(self) -> None:
-        """torch through the PyTorch extension (asks first); scikit-image through pip (asks first);
-        optionally OpenVINO (offered once per session).
-        numpy, SimpleITK and vtk come with Slicer and are never pip-installed."""
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise RuntimeError(_("KneeRecon needs PyTorch: install the 'PyTorch' extension from the Extensions "
-                                     "Manager, restart Slicer, and try again."))
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if not slicer.util.confirmOkCancelDisplay(
-                        _("KneeRecon needs PyTorch ({req}). Download and install it now? This can take a few minutes.")
-                        .format(req=TORCH_REQUIREMENT)):
-                    raise RuntimeError(_("PyTorch is required."))
-                torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
-        try:
-            import skimage  # noqa: F401
-        except ImportError:
-            if not slicer.util.confirmOkCancelDisplay(_("KneeRecon needs scikit-image. Install it now?")):
-                raise RuntimeError(_("scikit-image is required."))
-            slicer.util.pip_install("scikit-image")
+    def ensureDependencies(self, backend: str = "auto", device: str = "auto", ensemble: bool = False,
+                           modelPath: Optional[str] = None) -> None:
+        """What this reconstruction needs that Slicer does not ship (numpy, scipy, SimpleITK, VTK and
+        Pillow come with Slicer and are never pip-installed):
+        - the OpenVINO runtime, for the default CPU path: one pip install, after asking;
+        - PyTorch, through the PyTorch extension (after asking), only for the torch backend, a CUDA
+          device, the ensemble, or a model without a converted network."""
+        if self.needsTorch(backend, device, ensemble, modelPath):
+            self._ensureTorch()
+            return
         try:
             import openvino  # noqa: F401
-        except ImportError:  # optional: the network then runs in PyTorch, about half as fast on the CPU
-            if not KneeReconLogic.openvinoOffered:
-                KneeReconLogic.openvinoOffered = True
-                if slicer.util.confirmYesNoDisplay(_("Optional: OpenVINO runs the KneeRecon network about twice as "
-                                                     "fast on the CPU. Install it now (about 60 MB)?")):
-                    slicer.util.pip_install(OPENVINO_REQUIREMENT)
+        except ImportError:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("KneeRecon runs its network with the OpenVINO runtime ({req}, about 60 MB), which is not "
+                      "installed yet. Install it now?").format(req=OPENVINO_REQUIREMENT)):
+                raise RuntimeError(_("The OpenVINO runtime is required (or choose the torch network runtime)."))
+            slicer.util.pip_install(OPENVINO_REQUIREMENT)
+            import openvino  # noqa: F401
+
+    @staticmethod
+    def needsTorch(backend: str = "auto", device: str = "auto", ensemble: bool = False,
+                   modelPath: Optional[str] = None) -> bool:
+        """Whether these settings need PyTorch: the torch backend, a CUDA device, the ensemble (its
+        probabilities are averaged in PyTorch), or a model that has no converted network beside it or
+        in the cache (converting needs PyTorch). device "auto" uses a GPU only where PyTorch is there."""
+        if backend == "torch" or device.startswith("cuda") or ensemble:
+            return True
+        from KneeReconLib import resources
+
+        path = modelPath or resources.model_path()
+        if not os.path.exists(path):
+            return False  # the reconstruction says what is missing
+        try:
+            import openvino as ov
+        except ImportError:
+            # the runtime gets installed first; a bundled model ships with its converted network
+            return bool(modelPath) and not os.path.exists(os.path.splitext(modelPath)[0] + ".openvino.xml")
+        from KneeReconLib.openvino_backend import find_ir
+
+        return find_ir(ov.Core(), os.path.abspath(path))[0] is None
+
+    def _ensureTorch(self) -> None:
+        try:
+            import torch  # noqa: F401
+            return
+        except ImportError:
+            pass
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError(_("These settings need PyTorch (the torch network runtime, a GPU, the ensemble, or a "
+                                 "model without a converted network): install the 'PyTorch' extension from the "
+                                 "Extensions Manager, restart Slicer, and try again; or use the default network "
+                                 "runtime on the CPU, which needs no PyTorch."))
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("These settings need PyTorch ({req}). Download and install it now? This can take a few "
+                      "minutes.").format(req=TORCH_REQUIREMENT)):
+                raise RuntimeError(_("PyTorch is required for these settings."))
+            torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
 
     def showForReview(self, rec, apNode, lateralNode, segmentationNode) -> None:
         """X-rays with projected outlines in the Red and Yellow views; 3D view centred on the bones."""
@@ -302,10 +343,7 @@ class KneeReconTest(ScriptedLoadableModuleTest):
         logic.ensureDependencies()
         seg = logic.reconstruct(ap, lat, side="left")
         rec = logic.lastReconstruction
-        here = os.path.dirname(__file__)
-        truth_path = next(p for p in (os.path.join(here, "Resources", "Sample", "truth.nii.gz"),
-                                      os.path.join(here, "..", "Resources", "Sample", "truth.nii.gz")) if os.path.exists(p))
-        truth = sitk.ReadImage(truth_path)
+        truth = sitk.ReadImage(_bundledFile("Sample", "truth.nii.gz"))
         pred = sitk.GetArrayFromImage(sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
         t = sitk.GetArrayFromImage(truth)
         for value, name in ((1, "femur"), (3, "tibia")):
@@ -313,6 +351,8 @@ class KneeReconTest(ScriptedLoadableModuleTest):
             self.delayDisplay(f"{name} Dice {dice:.3f}")
             self.assertGreater(dice, 0.85)
         self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 4)
+        # the model stays loaded for the session: a second reconstruction reuses it
+        self.assertIs(logic.getReconstructor(), KneeReconLogic().getReconstructor())
         self.delayDisplay("Logic test passed")
 
     def test_widget_apply(self):

@@ -38,8 +38,33 @@ def grid_ijk_to_ras(grid) -> np.ndarray:
 class KneeReconMRMLLogic:
     """Reconstruct from two X-ray volume nodes into a segmentation node (no Qt)."""
 
+    # loaded models, kept for the Slicer session (shared by all logic instances): the second
+    # reconstruction with the same model starts at once (bench/bench_slicer_logic.py)
+    _reconstructors: dict = {}
+
     def __init__(self, scene=None):
         self.scene = scene or slicer.mrmlScene
+
+    @classmethod
+    def getReconstructor(cls, modelPath: str | None = None, device: str = "cpu", backend: str = "auto",
+                         ensemble: bool = False):
+        """The KneeReconLib Reconstructor for these settings, loaded on first use and then kept. A
+        model file changed on disk since it was loaded (size or time) is loaded again."""
+        from KneeReconLib.inference import DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, pick_device
+
+        path = os.path.abspath(modelPath or DEFAULT_MODEL)
+        stamp = (os.path.getmtime(path), os.path.getsize(path)) if os.path.exists(path) else None
+        key = (path, pick_device(device), backend, bool(ensemble))
+        cached = cls._reconstructors.get(key)
+        if cached is None or cached[0] != stamp:
+            rec = Reconstructor(modelPath, key[1], backend=backend, ensemble=DEFAULT_ENSEMBLE if ensemble else None)
+            cls._reconstructors[key] = cached = (stamp, rec)
+        return cached[1]
+
+    @classmethod
+    def releaseModels(cls) -> None:
+        """Forget the loaded models (their memory is freed when no reconstruction uses them)."""
+        cls._reconstructors.clear()
 
     # ------------------------------------------------------------------ inputs
     def xrayFromVolumeNode(self, node, view: str, pixelSpacing: float | None = None, side: str = "right",
@@ -94,15 +119,16 @@ class KneeReconMRMLLogic:
     def reconstruct(self, apNode, lateralNode, side: str = "right", pixelSpacing: float | None = None,
                     sid: float | None = None, sod: float | None = None, modelPath: str | None = None,
                     device: str = "cpu", segmentationNode=None, createModels: bool = True,
-                    progress=None, cancel=None, heightOffset="auto", ensemble: bool = False):
+                    progress=None, cancel=None, heightOffset="auto", ensemble: bool = False,
+                    backend: str = "auto"):
         """Run KneeRecon and put the result into the scene (`ensemble`: average with the bundled
-        ChenNet, see `kneerecon reconstruct --ensemble`). Returns the segmentation node; the
-        full `Reconstruction` is kept in `self.lastReconstruction`."""
-        from KneeReconLib.inference import DEFAULT_ENSEMBLE, Reconstructor, pick_device
-
+        ChenNet, see `kneerecon reconstruct --ensemble`; `backend`: auto, openvino or torch, as
+        `kneerecon reconstruct --backend`). The model is loaded once per session
+        (getReconstructor). Returns the segmentation node; the full `Reconstruction` is kept in
+        `self.lastReconstruction`."""
         ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
-        reconstructor = Reconstructor(modelPath, pick_device(device), ensemble=DEFAULT_ENSEMBLE if ensemble else None)
+        reconstructor = self.getReconstructor(modelPath, device, backend, ensemble)
         rec = reconstructor.run(ap, lat, side, surfaces=createModels, progress=progress, cancel=cancel,
                                 height_offset=heightOffset)
         self.lastReconstruction = rec
@@ -184,8 +210,7 @@ class KneeReconMRMLLogic:
         """Label-map volumes of the bones' projected outlines on each X-ray, in the X-ray node's
         own geometry: show them as the label layer over the X-ray in a slice view."""
         from KneeReconLib.labels import BONES
-        from KneeReconLib.overlay import project_mask
-        from skimage.segmentation import find_boundaries
+        from KneeReconLib.overlay import inner_boundary, project_mask
 
         labels = rec.labels_array()
         out = []
@@ -193,7 +218,7 @@ class KneeReconMRMLLogic:
             outline = np.zeros((view.height, view.width), np.uint8)
             for b in BONES:
                 sil = project_mask(labels == b.value, rec.grid, view, off)
-                outline[find_boundaries(sil, mode="inner")] = b.value
+                outline[inner_boundary(sil)] = b.value
             lm = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{node.GetName()} KneeRecon outline")
             lm.CopyOrientation(node)
             img = vtk.vtkImageData()

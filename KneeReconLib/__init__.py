@@ -2,7 +2,7 @@
 
 Research tool, not a medical device. Heavy modules (torch, VTK) are imported on use."""
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 
 
 def reconstruct(*args, **kwargs):

@@ -74,14 +74,45 @@ def estimate_height_offset(ap: XRay, lateral: XRay, max_offset_mm: float = 20.0,
     return HeightOffset(float(offset), float(cc[i]), reliable)
 
 
+def otsu3_upper(image: np.ndarray, nbins: int = 256) -> float:
+    """The upper of the two three-class Otsu thresholds (Liao et al. 2001: the pair of histogram
+    bins that maximises the between-class variance), at a bin centre. It reproduces scikit-image's
+    threshold_multiotsu(image, classes=3)[-1] exactly (float32 moments, its first-bin weighting and
+    tie order), which it replaces so that the Slicer module needs no scikit-image."""
+    hist, edges = np.histogram(image.ravel(), bins=nbins, range=(float(image.min()), float(image.max())))
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    p = (hist / max(1, hist.sum())).astype(np.float32)
+    if np.count_nonzero(p) <= 3:  # no more values than classes: the thresholds are the values themselves
+        nz = np.flatnonzero(p)
+        return float(centres[nz[-2]]) if len(nz) > 1 else float(centres[0])
+    w = np.cumsum(p, dtype=np.float32)  # zeroth moments of bins 0..j
+    first = p * np.arange(nbins, dtype=np.float32)
+    first[0] = p[0]  # (sic: scikit-image's first moment of bin 0)
+    s = np.cumsum(first, dtype=np.float32)
+
+    def between(s_, w_):  # a class's share of the between-class variance
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(w_ > 0, (s_ * s_ / w_).astype(np.float32), np.float32(0))
+
+    head = between(s, w)
+    head[0] = 0.0
+    lo = np.arange(nbins)[:, None]
+    hi = np.arange(nbins)[None, :]
+    before = np.maximum(lo - 1, 0)  # class lo..hi, lo >= 1
+    mid = between((s[hi] - s[before]).astype(np.float32), (w[hi] - w[before]).astype(np.float32))
+    t0, t1 = lo, hi  # classes [0, t0], [t0 + 1, t1], [t1 + 1, end]
+    sigma = (head[t0] + mid[np.minimum(t1 + 1, nbins - 1), nbins - 1]).astype(np.float32) + \
+        mid[np.minimum(t0 + 1, nbins - 1), t1]
+    sigma = np.where((t0 <= nbins - 3) & (t1 > t0) & (t1 <= nbins - 2), sigma, -np.inf)
+    return float(centres[int(np.argmax(sigma)) % nbins])  # the first maximum, as its search order
+
+
 def knee_height(ap: XRay, smooth_mm: float = 10.0) -> float:
     """Height (mm, +z superior, 0 = image centre) of the knee joint on an AP view: the level
     where the bones are widest (condyles and tibial plateau, about 2.5x the shafts' width).
     Bone is told from soft tissue and air by a three-class Otsu threshold."""
-    from skimage.filters import threshold_multiotsu
-
     a = np.clip(normalize_intensity(ap.pixels), 0.0, 1.0)
-    t = threshold_multiotsu(a, classes=3)[-1]
+    t = otsu3_upper(a)
     s_col, s_row = ap.geometry.iso_spacing
     width = (a > t).sum(axis=1) * s_col  # bone width per row, mm
     width = gaussian_filter1d(width.astype(np.float64), smooth_mm / s_row)

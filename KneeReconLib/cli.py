@@ -282,8 +282,33 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def version_text() -> str:
+    """'kneerecon 0.4.0 (bundled model: KneeRecon U-Net (phantom-trained) 0.3.0)', read without PyTorch."""
+    from . import __version__, resources
+    from .model_card import describe, read_card
+
+    path = resources.model_path()
+    try:
+        model = f"bundled model: {describe(read_card(path))}"
+    except KneeReconError:
+        model = f"bundled model missing or unreadable: {path}"
+    return f"kneerecon {__version__} ({model})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, worked out only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kneerecon", description=f"3D knee bones from two X-rays. {DISCLAIMER}")
+    p.add_argument("--version", action=_VersionAction, help="print KneeRecon's version and the bundled model's, then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("reconstruct", help="reconstruct femur, patella, tibia and fibula from an AP and a lateral X-ray",
@@ -302,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     r.add_argument("--force", action="store_true", help="replace an existing output folder")
     r.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
-                   help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.6x faster), or PyTorch")
+                   help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.6x faster, and "
+                        "no PyTorch needed), or PyTorch")
     r.add_argument("--ensemble", nargs="*", metavar="MODEL",
                    help="average the class probabilities with further models (alone: the bundled ChenNet); more "
                         "accurate on every test set we have, about 3-4x the network time (PyTorch backend)")

@@ -1,4 +1,8 @@
-"""The reconstruction path: two X-ray files (or arrays) -> label map in LPS + bone surfaces."""
+"""The reconstruction path: two X-ray files (or arrays) -> label map in LPS + bone surfaces.
+
+PyTorch is imported only where it is used: with the OpenVINO backend (the default on the CPU)
+the network runs from the converted model beside the model file and the card is read without
+PyTorch (model_card.py), so a reconstruction imports no torch."""
 from __future__ import annotations
 
 import os
@@ -9,24 +13,50 @@ from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
+from . import resources
 from .alignment import crop_rows, estimate_height_offset, knee_height
 from .backprojection import backproject
-from .checkpoint import load_model
 from .errors import KneeReconError
 from .geometry import ReconGrid
 from .labels import BONES
-from .fused_unet import fuse_for_inference
-from .network import fold_batchnorm, to_channels_last
+from .model_card import network_divisor, reconstruction_card
 from .preprocessing import collimated_border, fill_collimation, normalize_intensity
 from .surfaces import bone_surface, clean_labels
 from .xray_io import XRay, read_xray, with_side
 
-RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Resources")
-DEFAULT_MODEL = os.path.normpath(os.path.join(RESOURCES, "Models", "kneerecon_unet.pt"))
+RESOURCES = resources.resources_dir()
+DEFAULT_MODEL = resources.model_path(resources.UNET)
 # the bundled ensemble member (`--ensemble` without a path): ChenNet trained at the U-Net's budget
-DEFAULT_ENSEMBLE = [os.path.normpath(os.path.join(RESOURCES, "Models", "kneerecon_chen.pt"))]
+DEFAULT_ENSEMBLE = [resources.model_path(resources.CHEN)]
+TORCH_HINT = "pip install 'kneerecon[train]' (PyTorch 2.13.0)"
+
+
+def torch_available() -> bool:
+    """Whether PyTorch is installed (without importing it: that alone takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # blocked (sys.modules["torch"] = None) or broken
+        return False
+
+
+def _may_have_cuda() -> bool:
+    """False where there certainly is no CUDA GPU (Linux without the NVIDIA driver), so that
+    --device auto need not import PyTorch (seconds) to find out."""
+    import sys
+
+    return not sys.platform.startswith("linux") or os.path.exists("/proc/driver/nvidia")
+
+
+def needs_torch(what: str):
+    """`import torch`, or a KneeReconError (exit 2) that says what needed it and how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise KneeReconError(f"{what} needs PyTorch, which is not installed: {TORCH_HINT}")
+    return torch
 
 
 def detect_side(labels: np.ndarray, grid: ReconGrid) -> str | None:
@@ -78,12 +108,18 @@ class Reconstruction:
 
 
 def pick_device(device: str) -> str:
+    """cpu, cuda[:N], or for auto: cuda where PyTorch is installed and sees a GPU, else cpu."""
+    if device == "cpu":
+        return device
     if device == "auto":
+        if not torch_available() or not _may_have_cuda():  # no GPU inference: the CPU (OpenVINO), torch not imported
+            return "cpu"
+        import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KneeReconError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
+    if not device.startswith("cuda"):
         raise KneeReconError(f"unknown device {device!r}; use cpu, cuda or auto")
+    if not needs_torch("--device cuda").cuda.is_available():
+        raise KneeReconError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
     return device
 
 
@@ -94,6 +130,8 @@ KNEE_WINDOW_MM = 220.0
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16/AMX); elsewhere bf16 would be
     emulated and slower than fp32, so inference falls back to fp32."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -117,11 +155,26 @@ def pick_backend(backend: str, device: str, averaged: bool) -> str:
         if averaged:
             raise KneeReconError("test-time augmentation and ensembles run with --backend torch only")
         if not openvino_backend.available():
-            raise KneeReconError("--backend openvino needs the openvino package (pip install -r requirements.txt)")
+            raise KneeReconError("--backend openvino needs the openvino package (pip install openvino)")
         return "openvino"
     if backend == "auto" and device == "cpu" and not averaged and openvino_backend.available():
         return "openvino"
+    if not torch_available():
+        if averaged:
+            raise KneeReconError(f"test-time augmentation and ensembles need PyTorch, which is not installed: {TORCH_HINT}")
+        if backend == "torch":
+            raise KneeReconError(f"--backend torch needs PyTorch, which is not installed: {TORCH_HINT}")
+        raise KneeReconError("neither of the network's runtimes is installed: pip install openvino (the CPU runtime, "
+                             "about 60 MB) or " + TORCH_HINT)
     return "torch"
+
+
+def openvino_threads() -> int:
+    """OpenVINO's thread count: $OMP_NUM_THREADS where set (as PyTorch's), else 0 (OpenVINO's default)."""
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
 
 
 class Reconstructor:
@@ -133,46 +186,81 @@ class Reconstructor:
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
         self.device = pick_device(device)
-        net, self.card = load_model(self.model_path, self.device)
+        self.card = reconstruction_card(self.model_path)  # no PyTorch needed to read it
         self.tta = tta
+        self.amp = amp
         self.style = None
         if style:  # real radiograph -> DRR translation before the network (kneerecon train-style)
+            needs_torch("--style")
             from .style import StyleTransfer
             self.style = StyleTransfer(style, self.device)
             self.style_path = style
-        self.divisor = net.divisor
-        self.amp = amp
+        self.divisor = network_divisor(self.card.get("architecture", {}))
         self.backend = pick_backend(backend, self.device, tta or bool(ensemble))
-        # BatchNorm folded into the convolutions and the U-Net's finest decoder level fused
-        # (fused_unet.py); bench/bench_inference.py measures each step against fp32 eager
-        self.net = fuse_for_inference(fold_batchnorm(net))
-        self.dtype = torch.float32
-        bf16 = self.device == "cpu" and amp and cpu_has_fast_bf16()
-        self.ov = None
+        self._net, self.ov, self._precision, self.dtype = None, None, None, None
+        self.members, self.member_cards = [], []
+        size = int(self.card.get("grid_size", 128))
+        in_channels = int(self.card.get("architecture", {}).get("in_channels", 2))
         if self.backend == "openvino":
-            from .openvino_backend import OpenVINONetwork
-            size = int(self.card.get("grid_size", 128))
+            from . import openvino_backend
+            import openvino as ov
+
+            core = ov.Core()
+            bf16 = amp and openvino_backend.native_bf16(core)
+            # the network for a conversion, built only when no IR made from this model file exists
+            convert = (lambda: self.net) if torch_available() else None
             try:
-                self.ov = OpenVINONetwork(self.model_path, self.net, "bf16" if bf16 else "f32",
-                                          (1, int(net.config.in_channels), size, size, size), torch.get_num_threads())
+                self.ov = openvino_backend.OpenVINONetwork(self.model_path, convert, "bf16" if bf16 else "f32",
+                                                           (1, in_channels, size, size, size), openvino_threads(), core)
             except RuntimeError as e:  # OpenVINO could not convert or compile this model on this CPU
-                if backend == "openvino":
+                if backend == "openvino" or not torch_available():
                     raise KneeReconError(f"OpenVINO could not run {os.path.basename(self.model_path)} "
                                          f"({str(e).strip().splitlines()[0][:200]}); use --backend torch")
                 self.backend = "torch"
-        if self.backend == "torch" and self.device == "cpu":
+            else:
+                why = "" if not amp or bf16 else ": this CPU has no native bf16"
+                self._precision = f"OpenVINO {self.ov.precision} (BatchNorm folded, upsampling fused){why}"
+        if self.backend == "torch":
+            self._setup_torch(ensemble)
+
+    @property
+    def net(self):
+        """The model file's PyTorch network for inference (built on first use: the OpenVINO backend
+        needs it only to convert a model): BatchNorm folded into the convolutions and the U-Net's
+        finest decoder level fused (fused_unet.py); bench/bench_inference.py measures each step
+        against fp32 eager."""
+        if self._net is None:
+            needs_torch("the PyTorch network")
+            from .checkpoint import load_model
+            from .fused_unet import fuse_for_inference
+            from .network import fold_batchnorm
+
+            net, _ = load_model(self.model_path, self.device)
+            self._net = fuse_for_inference(fold_batchnorm(net))
+        return self._net
+
+    def _setup_torch(self, ensemble: list[str] | None) -> None:
+        torch = needs_torch("--backend torch" if not ensemble and not self.tta else "--ensemble and --tta")
+        from .checkpoint import load_model
+        from .fused_unet import fuse_for_inference
+        from .network import fold_batchnorm, to_channels_last
+
+        self.dtype = torch.float32
+        bf16 = self.device == "cpu" and self.amp and cpu_has_fast_bf16()
+        if self.device == "cpu":
             # on the CPU with amp, bf16 weights and activations throughout (no autocast casts per
             # layer) in channels-last 3D, oneDNN's fastest layout
-            self.net = to_channels_last(self.net)
+            self._net = to_channels_last(self.net)
             if bf16:
                 self.dtype = torch.bfloat16
-                self.net = self.net.to(self.dtype)
+                self._net = self._net.to(self.dtype)
+        arch = self.card.get("architecture", {})
         # ensemble members: further models whose class probabilities are averaged with this one's
-        self.members, self.member_cards = [], []
         for path in ensemble or []:
             member, card = load_model(os.path.abspath(path), self.device)
             if int(card.get("grid_size", 128)) != int(self.card.get("grid_size", 128)) or \
-                    member.config.num_classes != net.config.num_classes or member.config.in_channels != net.config.in_channels:
+                    member.config.num_classes != arch.get("num_classes", 5) or \
+                    member.config.in_channels != arch.get("in_channels", 2):
                 raise KneeReconError(f"ensemble member {path!r} does not take the same input or give the same classes "
                                      "as the main model (grid size, input channels, classes)")
             member = fuse_for_inference(fold_batchnorm(member))
@@ -181,23 +269,25 @@ class Reconstructor:
             self.members.append(member)
             self.member_cards.append(card)
             self.divisor = max(self.divisor, member.divisor)
+        if self.device.startswith("cuda"):
+            self._precision = "autocast " + ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.amp else "fp32"
+        elif self.dtype == torch.bfloat16:
+            self._precision = "bf16 (BatchNorm folded, upsampling fused, channels-last)"
+        else:
+            why = "" if not self.amp or bf16 else ": this CPU has no native bf16"
+            self._precision = f"fp32 (BatchNorm folded, upsampling fused, channels-last){why}"
 
     @property
     def precision(self) -> str:
         """How the network runs, for the report (e.g. 'OpenVINO bf16, BatchNorm folded')."""
-        if self.device.startswith("cuda"):
-            return "autocast " + ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.amp else "fp32"
-        why = "" if not self.amp or cpu_has_fast_bf16() else ": this CPU has no native bf16"
-        if self.ov is not None:
-            return f"OpenVINO {self.ov.precision} (BatchNorm folded, upsampling fused){why}"
-        if self.dtype == torch.bfloat16:
-            return "bf16 (BatchNorm folded, upsampling fused, channels-last)"
-        return f"fp32 (BatchNorm folded, upsampling fused, channels-last){why}"
+        return self._precision
 
     def predict(self, volume: np.ndarray) -> np.ndarray:
         """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
         if self.ov is not None:
             return self.ov(volume)
+        import torch
+
         x = torch.from_numpy(volume)[None].to(self.device, self.dtype)
         if self.device == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)

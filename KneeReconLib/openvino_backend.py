@@ -6,6 +6,9 @@ in about half PyTorch's time (bench/bench_inference.py). Converting a model take
 is made once: `kneerecon export-openvino` writes it beside the model file (the bundled model ships
 with one); otherwise the first reconstruction writes it to a cache folder. Every IR records the
 SHA-256 of the model file it came from and is ignored when that no longer matches.
+
+Running an IR needs no PyTorch (the card comes from the model file through model_card.py); only
+converting one does, so PyTorch is imported here only to convert.
 """
 from __future__ import annotations
 
@@ -16,8 +19,6 @@ import tempfile
 import warnings
 
 import numpy as np
-import torch
-from torch import nn
 
 from .errors import KneeReconError
 
@@ -52,15 +53,41 @@ def cache_folder() -> str:
     return os.path.join(root, "openvino")
 
 
-class _Labels(nn.Module):
+def compiled_cache_folder() -> str:
+    """Where OpenVINO caches compiled networks (<cache folder>/compiled)."""
+    return os.path.join(cache_folder(), "compiled")
+
+
+def _writable(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def _labels_module(net):
     """The network followed by the argmax over classes, so that OpenVINO returns labels (uint8)."""
+    import torch
 
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
+    class _Labels(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).argmax(1).to(torch.uint8)
+        def forward(self, x):
+            return self.net(x).argmax(1).to(torch.uint8)
+
+    return _Labels(net)
+
+
+def conversion_help(model_path: str) -> str:
+    """What to do when a model has no converted network and PyTorch is not there to convert it."""
+    return (f"{model_path} has no converted OpenVINO network (no {os.path.basename(beside_model(model_path))} made from "
+            f"this very file beside it, none in {cache_folder()}), and converting one needs PyTorch, which is not "
+            "installed. Convert it once where PyTorch is installed (pip install 'kneerecon[train]'): "
+            f"kneerecon export-openvino --model {model_path}  - it writes <model>.openvino.xml and .bin beside the "
+            "model file; keep them next to it")
 
 
 def _use_depth_to_space(model) -> None:
@@ -83,13 +110,15 @@ def _use_depth_to_space(model) -> None:
     model.validate_nodes_and_infer_types()
 
 
-def convert(net: nn.Module, shape: tuple[int, ...], source_sha256: str):
-    """An openvino.Model of `net` (fp32, eval mode; labels out) for inputs of `shape` [1, C, z, y, x]."""
+def convert(net, shape: tuple[int, ...], source_sha256: str):
+    """An openvino.Model of the torch module `net` (fp32, eval mode; labels out) for inputs of
+    `shape` [1, C, z, y, x]."""
     import openvino as ov
+    import torch
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the converter traces with torch.jit, which warns of its deprecation
-        model = ov.convert_model(_Labels(net.float().eval()), example_input=torch.zeros(shape))
+        model = ov.convert_model(_labels_module(net.float().eval()), example_input=torch.zeros(shape))
     model.reshape(ov.PartialShape(list(shape)))  # static: the CPU plugin plans memory once
     _use_depth_to_space(model)
     model.set_rt_info(source_sha256, RT_KEY)
@@ -113,6 +142,17 @@ def save(model, xml_path: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def find_ir(core, model_path: str, sha: str | None = None):
+    """(path, openvino.Model) of an IR made from this very model file, beside it or in the cache;
+    (None, None) if there is none."""
+    sha = sha or file_sha256(model_path)
+    for path in (beside_model(model_path), os.path.join(cache_folder(), sha[:32] + ".xml")):
+        model = _read_if_matching(core, path, sha)
+        if model is not None:
+            return path, model
+    return None, None
+
+
 def _read_if_matching(core, xml_path: str, sha: str):
     if not (os.path.exists(xml_path) and os.path.exists(xml_path[:-4] + ".bin")):
         return None
@@ -123,32 +163,42 @@ def _read_if_matching(core, xml_path: str, sha: str):
         return None
 
 
+def native_bf16(core=None) -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 natively here (AVX512-BF16 or AMX); elsewhere bf16
+    would be emulated and slower than f32. The same answer as PyTorch's oneDNN check, without PyTorch."""
+    import openvino as ov
+
+    try:
+        return "BF16" in (core or ov.Core()).get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - no answer: f32, always correct
+        return False
+
+
 class OpenVINONetwork:
     """Labels from a 2-channel volume with OpenVINO on the CPU.
 
-    `net` is the torch network (BatchNorm folded, fused), used only when no matching IR exists.
-    `precision` is "bf16" or "f32" (OpenVINO's inference precision hint)."""
+    `precision` is "bf16" or "f32" (OpenVINO's inference precision hint). `net`: the torch network
+    (BatchNorm folded, fused), or a function that builds it, used only when no matching IR exists
+    (then the conversion is cached); None: no conversion, a missing IR is a KneeReconError that says
+    how to make one."""
 
-    def __init__(self, model_path: str, net: nn.Module, precision: str, shape: tuple[int, ...], threads: int = 0):
+    def __init__(self, model_path: str, net, precision: str, shape: tuple[int, ...], threads: int = 0, core=None):
         if not available():
             raise KneeReconError("the OpenVINO backend needs the openvino package (pip install openvino); "
                                  "or use --backend torch")
         import openvino as ov
 
-        self.core = ov.Core()
+        self.core = core or ov.Core()
         self.precision = precision
         self.threads = threads
         self.source = os.path.abspath(model_path)
         sha = file_sha256(self.source)
-        cached = os.path.join(cache_folder(), sha[:32] + ".xml")
-        self.ir_path = None
-        for path in (beside_model(self.source), cached):
-            self.model = _read_if_matching(self.core, path, sha)
-            if self.model is not None:
-                self.ir_path = path
-                break
-        else:
-            self.model = convert(net, shape, sha)
+        self.ir_path, self.model = find_ir(self.core, self.source, sha)
+        if self.model is None:
+            if net is None:
+                raise KneeReconError(conversion_help(self.source))
+            self.model = convert(net() if callable(net) and not hasattr(net, "forward") else net, shape, sha)
+            cached = os.path.join(cache_folder(), sha[:32] + ".xml")
             try:
                 save(self.model, cached)
                 self.ir_path = cached
@@ -161,12 +211,18 @@ class OpenVINONetwork:
         if shape not in self.compiled:
             model = self.model
             current = model.input(0).get_partial_shape()
-            if not current.is_static or tuple(current.to_shape()) != shape:
-                model = model.clone()
-                model.reshape({0: list(shape)})
             config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
             if self.threads:
                 config["INFERENCE_NUM_THREADS"] = self.threads
+            if not current.is_static or tuple(current.to_shape()) != shape:
+                model = model.clone()
+                model.reshape({0: list(shape)})
+            elif self.ir_path is not None and _writable(compiled_cache_folder()):
+                # the IR's own shape, compiled from its file: OpenVINO keeps the compiled network
+                # in a cache (keyed by the file and the settings), so later processes load it in
+                # ~0.05 s instead of compiling for ~0.3-0.5 s
+                model = self.ir_path
+                config["CACHE_DIR"] = compiled_cache_folder()
             self.compiled[shape] = self.core.compile_model(model, "CPU", config).create_infer_request()
         return self.compiled[shape]
 
@@ -179,14 +235,19 @@ class OpenVINONetwork:
 
 def export_ir(model_path: str, xml_path: str | None = None, grid_size: int | None = None) -> str:
     """Convert a model file to an OpenVINO IR (default: beside it, <stem>.openvino.xml); returns its path."""
+    if not available():
+        raise KneeReconError("export-openvino needs the openvino package (pip install openvino)")
+    if not os.path.exists(model_path):
+        raise KneeReconError(f"model file not found: {model_path}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise KneeReconError("export-openvino reads the model's weights with PyTorch, which is not installed: "
+                             "pip install 'kneerecon[train]'")
     from .checkpoint import load_model
     from .fused_unet import fuse_for_inference
     from .network import fold_batchnorm
 
-    if not available():
-        raise KneeReconError("export-openvino needs the openvino package (pip install -r requirements.txt)")
-    if not os.path.exists(model_path):
-        raise KneeReconError(f"model file not found: {model_path}")
     xml_path = xml_path or beside_model(model_path)
     if not xml_path.endswith(".xml"):
         raise KneeReconError(f"the IR path must end in .xml, got {xml_path!r}")

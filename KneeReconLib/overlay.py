@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import find_boundaries
 
 from .geometry import ReconGrid, ViewGeometry
 from .labels import BONES
@@ -51,6 +50,14 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry, height_o
     return ndimage.binary_fill_holes(ndimage.binary_closing(out, iterations=1))
 
 
+def inner_boundary(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels with a 4-connected neighbour outside it; pixels on the image border count
+    as inside beyond it (scikit-image's find_boundaries(mode="inner"), which this replaces so that
+    the Slicer module needs no scikit-image)."""
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=1)
+
+
 def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: ViewGeometry, thickness: int = 1,
                 height_offset_mm: float = 0.0) -> np.ndarray:
     """RGB uint8 image of the X-ray with each bone's projected outline in its colour."""
@@ -58,7 +65,7 @@ def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: V
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
     for b in BONES:
         sil = project_mask(labels == b.value, grid, view, height_offset_mm)
-        edge = find_boundaries(sil, mode="inner")
+        edge = inner_boundary(sil)
         if thickness > 1:
             edge = ndimage.binary_dilation(edge, iterations=thickness - 1)
         rgb[edge] = (np.array(b.color) * 255).astype(np.uint8)

@@ -213,3 +213,32 @@ def test_ensemble_option_reaches_the_library(recon):
     labels = logic.lastReconstruction.labels_array()
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
     assert ens.GetSegmentation().GetNumberOfSegments() == 4
+
+
+def test_model_loaded_once_per_session(recon):
+    """A second reconstruction (even through a new logic object) reuses the loaded model; a changed
+    model file is loaded again."""
+    from KneeReconMRMLLogic import KneeReconMRMLLogic
+
+    scene, logic, seg, ap, lat = recon
+    first = logic.getReconstructor()
+    again = KneeReconMRMLLogic(scene)
+    again.reconstruct(ap, lat, side="left", createModels=False)
+    assert again.getReconstructor() is first and logic.lastReconstruction is not again.lastReconstruction
+    assert KneeReconMRMLLogic.getReconstructor(backend="torch") is not first  # other settings, another model
+
+
+def test_session_through_the_logic_imports_no_torch(tmp_path):
+    """bench/bench_slicer_logic.py in a fresh process: two reconstructions through the MRML logic,
+    the model reused, neither torch nor scikit-image imported."""
+    import json
+    import subprocess
+
+    out = tmp_path / "res.json"
+    env = dict(os.environ, KNEERECON_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_slicer_logic.py"), "--repeats", "2",
+                        "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["same_model_object"] and res["segments"] == 4 and res["precision"].startswith("OpenVINO"), res
+    assert not res["torch_imported"] and not res["skimage_imported"], res

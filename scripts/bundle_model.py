@@ -1,8 +1,13 @@
 """Turn a finished training run into the bundled model: evaluate it on the held-out test set,
-write Resources/Models/kneerecon_unet.pt (fp16, card inside) and MODEL_CARD.md.
+write Resources/Models/kneerecon_unet.pt (fp16, card inside), its converted network
+(kneerecon_unet.openvino.xml/.bin, which records the .pt's SHA-256: reconstruction without PyTorch
+runs from it) and MODEL_CARD.md. Needs PyTorch and openvino (requirements-test.txt).
 
     python scripts/bundle_model.py RUN_DIR --test cache/test_proc --cross-subject cache/xs_parallel cache/xs_cone \
-        --baseline docs/mean_shape_baseline.json [--hours H --device-desc "..."]"""
+        --baseline xs_parallel=docs/mean_shape_baseline_parallel.json [--hours H --device-desc "..."]
+
+To re-export only the converted network of an already bundled model (e.g. after changing the
+conversion), `kneerecon export-openvino` does the same as the end of this script."""
 import argparse
 import json
 import os
@@ -12,6 +17,7 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+from KneeReconLib import __version__, openvino_backend  # noqa: E402
 from KneeReconLib.checkpoint import load_model, read_model_file, save_model  # noqa: E402
 from KneeReconLib.evaluate import evaluate_files, evaluate_model, format_table  # noqa: E402
 from KneeReconLib.labels import BONE_NAMES  # noqa: E402
@@ -58,13 +64,15 @@ def main():
                    help="share of those samples passed through the radiograph simulator (default: plain DRRs)")
     p.add_argument("--real-like", help="folder of real-like simulated cases (scripts/make_real_like_set.py) to report")
     p.add_argument("--style", help="style model to report on the real-like cases as well")
-    p.add_argument("--version", default="0.4.0")
+    p.add_argument("--version", default=__version__, help=f"the model's version (default: KneeRecon's, {__version__})")
     p.add_argument("--cross-subject", nargs="*", default=[],
                    help="cached cross-subject test folders (scripts/cross_subject.py build): the headline")
     p.add_argument("--baseline", help="mean-shape baseline JSON per folder (scripts/cross_subject.py baseline --output), "
                                       "as NAME=FILE,NAME=FILE (NAME: the folder's basename)")
     p.add_argument("--data-summary", help="the card's training-data sentence (default: N phantoms of the generator)")
     a = p.parse_args()
+    if not openvino_backend.available():  # without it the .pt would ship with a stale converted network
+        sys.exit("bundle_model.py needs openvino to write the converted network (pip install -r requirements-test.txt)")
     src = os.path.join(a.run, "model.pt")
     blob = read_model_file(src)
     card = blob["card"]
@@ -138,11 +146,12 @@ def main():
     final = os.path.join(a.out, "kneerecon_unet.pt")
     save_model(final, net, card, half=True)
     os.remove(tmp)
-    from KneeReconLib import openvino_backend
-    if openvino_backend.available():  # the fast CPU backend's IR, tied to this file by its SHA-256
-        print(f"wrote {openvino_backend.export_ir(final)}")
-    else:
-        print("warning: openvino is not installed; the bundled OpenVINO IR is now stale (kneerecon export-openvino)")
+    # the converted network, tied to this file by its SHA-256: what reconstruction runs without PyTorch
+    ir = openvino_backend.export_ir(final)
+    import openvino as ov
+    if openvino_backend.find_ir(ov.Core(), final)[0] != ir:
+        sys.exit(f"{ir} does not match {final}: the bundled model would need PyTorch at inference")
+    print(f"wrote {ir}")
     table = format_table(res)
     # sections written by hand about the other bundled models (style model, ensemble member) survive
     card_md = os.path.join(a.out, "MODEL_CARD.md")

@@ -1,0 +1,63 @@
+"""Reconstruction through the Slicer module's MRML logic (KneeReconMRMLLogic, on a real MRML scene
+from slicer-core, headless), several times in one process, as a Slicer session does: the first
+includes loading the model (OpenVINO import, converted network, compile), the later ones reuse it.
+Each time covers the X-ray nodes -> KneeReconLib -> segmentation node with closed surfaces and four
+model nodes. Also reports whether torch or scikit-image was imported (it must not be).
+
+    python bench/bench_slicer_logic.py [--repeats 4] [--json FILE]
+
+Needs slicer-core (requirements-test.txt)."""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "KneeRecon"), os.path.join(ROOT, "Testing")]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=4, help="reconstructions in the session (default 4)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    import slicer_headless
+    from KneeReconMRMLLogic import KneeReconMRMLLogic
+
+    scene, _app, _obs = slicer_headless.install()
+    sample = os.path.join(ROOT, "Resources", "Sample")
+    ap = slicer_headless.load_volume(scene, os.path.join(sample, "ap.nrrd"), "sample AP")
+    lat = slicer_headless.load_volume(scene, os.path.join(sample, "lateral.nrrd"), "sample lateral")
+    side = json.load(open(os.path.join(sample, "meta.json")))["side"]
+    t_setup = time.perf_counter() - t0
+    times, recs = [], []
+    for i in range(a.repeats):
+        logic = KneeReconMRMLLogic(scene)  # a new logic object each time, as the GUI may make
+        t0 = time.perf_counter()
+        seg = logic.reconstruct(ap, lat, side=side, backend=a.backend)
+        times.append(time.perf_counter() - t0)
+        recs.append(logic.getReconstructor(backend=a.backend))
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in logic.lastReconstruction.timings_s.items())
+        print(f"reconstruction {i + 1}: {times[-1]:.2f} s  (library: {stages}; "
+              f"{seg.GetSegmentation().GetNumberOfSegments()} segments)", flush=True)
+    res = {"setup_s": t_setup, "first_s": times[0], "later_s": times[1:],
+           "later_median_s": statistics.median(times[1:]) if len(times) > 1 else None,
+           "same_model_object": all(r is recs[0] for r in recs),
+           "segments": seg.GetSegmentation().GetNumberOfSegments(),
+           "precision": logic.lastReconstruction.precision,
+           "torch_imported": "torch" in sys.modules, "skimage_imported": "skimage" in sys.modules,
+           "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
+    print(f"first (model loaded) {times[0]:.2f} s; later: median {res['later_median_s'] or float('nan'):.2f} s "
+          f"over {len(times) - 1}; model reused: {res['same_model_object']}; torch imported: {res['torch_imported']}; "
+          f"scikit-image imported: {res['skimage_imported']}; load average {res['load_average']:.1f} on {res['cpus']} CPUs")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
