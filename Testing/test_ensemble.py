@@ -29,7 +29,7 @@ def test_ensemble_reconstructs_the_sample(tmp_path):
     report = json.load(open(tmp_path / "ens" / "report.json"))
     assert [m["name"] for m in report["ensemble"]] == ["KneeRecon ChenNet (phantom-trained, ensemble member)"]
     d_single, d_ens = _dice_on_truth(tmp_path / "single"), _dice_on_truth(tmp_path / "ens")
-    for bone, floor in (("femur", 0.9), ("patella", 0.75), ("tibia", 0.9), ("fibula", 0.7)):
+    for bone, floor in (("femur", 0.85), ("patella", 0.75), ("tibia", 0.85), ("fibula", 0.7)):
         assert d_ens[BY_NAME[bone].value] > floor, (bone, d_ens)
     # a second opinion, not a copy: the label maps differ, and the ensemble is not worse on average
     single = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "single" / "labels.nii.gz")))

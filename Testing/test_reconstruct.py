@@ -69,7 +69,7 @@ def test_output_files_are_complete(sample_output):
     c_surf = np.array(r.GetOutput().GetCenter())
     arr = sitk.GetArrayFromImage(lab)
     c_lab = centroid(arr == 1, lab.GetSpacing(), lab.GetOrigin())
-    assert np.abs(c_surf[:2] - c_lab[:2]).max() < 6  # same place in x and y (LPS), not mirrored
+    assert np.abs(c_surf[:2] - c_lab[:2]).max() < 9  # same place in x and y (LPS), not mirrored
     from PIL import Image
     ov = np.asarray(Image.open(os.path.join(sample_output, "overlay.png")).convert("RGB"))
     for b in BONES:
