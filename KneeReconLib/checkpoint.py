@@ -15,8 +15,7 @@ from .errors import KneeReconError
 from .fileio import atomic_path
 from .network import build_network
 
-FORMAT = "kneerecon.model"
-FORMAT_VERSION = 1
+from .model_card import FORMAT, FORMAT_VERSION, check_blob  # one definition of the format, read without torch too
 
 
 def save_model(path: str, model: torch.nn.Module, card: dict, half: bool = True, extra: dict | None = None) -> None:
@@ -39,16 +38,7 @@ def read_model_file(path: str) -> dict:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise KneeReconError(f"{path!r} is not a KneeRecon model file (or it holds pickled code, which is "
                              f"refused): {msg}")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise KneeReconError(f"{path!r} is not a KneeRecon model file (no '{FORMAT}' format marker)")
-    if int(blob.get("format_version", -1)) > FORMAT_VERSION:
-        raise KneeReconError(f"{path!r} has model format version {blob.get('format_version')}; this KneeRecon reads "
-                             f"up to version {FORMAT_VERSION}: update KneeRecon")
-    try:
-        blob["card"] = json.loads(blob["card"])
-    except (KeyError, TypeError, ValueError):
-        raise KneeReconError(f"{path!r} has no readable model card")
-    return blob
+    return check_blob(blob, path)
 
 
 def load_model(path: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
