@@ -67,7 +67,8 @@ def _writable(folder: str) -> bool:
 
 
 def _labels_module(net):
-    """The network followed by the argmax over classes, so that OpenVINO returns labels (uint8)."""
+    """The network followed by the argmax over classes, so that OpenVINO returns labels (uint8),
+    and, as a second output, the class scores (logits, fp16) for `refine.refine_labels`."""
     import torch
 
     class _Labels(torch.nn.Module):
@@ -76,7 +77,8 @@ def _labels_module(net):
             self.net = net
 
         def forward(self, x):
-            return self.net(x).argmax(1).to(torch.uint8)
+            logits = self.net(x)
+            return logits.argmax(1).to(torch.uint8), logits.half()
 
     return _Labels(net)
 
@@ -226,11 +228,21 @@ class OpenVINONetwork:
             self.compiled[shape] = self.core.compile_model(model, "CPU", config).create_infer_request()
         return self.compiled[shape]
 
-    def __call__(self, volume: np.ndarray) -> np.ndarray:
-        """uint8 labels [z, y, x] of a float32 volume [C, z, y, x]."""
+    @property
+    def has_scores(self) -> bool:
+        """Whether the IR also returns the class scores (IRs converted before 0.5 return labels only)."""
+        return len(self.model.outputs) > 1
+
+    def __call__(self, volume: np.ndarray, scores: bool = False):
+        """uint8 labels [z, y, x] of a float32 volume [C, z, y, x]; with `scores`, (labels, class
+        scores [K, z, y, x] or None where the IR has none)."""
         x = np.ascontiguousarray(volume[None], dtype=np.float32)
-        out = self._request(x.shape).infer({0: x})[0]
-        return np.asarray(out[0], dtype=np.uint8)
+        request = self._request(x.shape)
+        request.infer({0: x})
+        labels = np.array(request.get_output_tensor(0).data[0], dtype=np.uint8)  # a copy: the buffer is reused
+        if not scores:
+            return labels
+        return labels, (np.array(request.get_output_tensor(1).data[0]) if self.has_scores else None)
 
 
 def export_ir(model_path: str, xml_path: str | None = None, grid_size: int | None = None) -> str:
