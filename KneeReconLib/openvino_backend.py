@@ -238,7 +238,7 @@ class OpenVINONetwork:
         scores [K, z, y, x] or None where the IR has none)."""
         x = np.ascontiguousarray(volume[None], dtype=np.float32)
         request = self._request(x.shape)
-        request.infer({0: x})
+        request.infer({0: x}, share_inputs=True, share_outputs=True)  # outputs read (and copied) below
         labels = np.array(request.get_output_tensor(0).data[0], dtype=np.uint8)  # a copy: the buffer is reused
         if not scores:
             return labels
