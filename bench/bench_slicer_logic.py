@@ -2,7 +2,7 @@
 from slicer-core, headless), several times in one process, as a Slicer session does: the first
 includes loading the model (OpenVINO import, converted network, compile), the later ones reuse it.
 Each time covers the X-ray nodes -> KneeReconLib -> segmentation node with closed surfaces and four
-model nodes. Also reports whether torch or scikit-image was imported (it must not be).
+model nodes. Also reports whether torch, scikit-image or scipy was imported (none must be).
 
     python bench/bench_slicer_logic.py [--repeats 4] [--json FILE]
 
@@ -50,10 +50,11 @@ def main():
            "segments": seg.GetSegmentation().GetNumberOfSegments(),
            "precision": logic.lastReconstruction.precision,
            "torch_imported": "torch" in sys.modules, "skimage_imported": "skimage" in sys.modules,
+           "scipy_imported": "scipy" in sys.modules,
            "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
     print(f"first (model loaded) {times[0]:.2f} s; later: median {res['later_median_s'] or float('nan'):.2f} s "
           f"over {len(times) - 1}; model reused: {res['same_model_object']}; torch imported: {res['torch_imported']}; "
-          f"scikit-image imported: {res['skimage_imported']}; load average {res['load_average']:.1f} on {res['cpus']} CPUs")
+          f"scikit-image imported: {res['skimage_imported']}; scipy imported: {res['scipy_imported']}; load average {res['load_average']:.1f} on {res['cpus']} CPUs")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
