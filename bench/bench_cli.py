@@ -27,10 +27,11 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 SAMPLE = os.path.join(ROOT, "Resources", "Sample")
 
 
-def run_once(cmd: list[str], env: dict) -> tuple[float, float, float, int, str]:
-    """(wall s, CPU s (user + system), peak RSS GB, exit code, stderr tail) of one fresh process."""
+def run_once(cmd: list[str], env: dict, cwd: str) -> tuple[float, float, float, int, str]:
+    """(wall s, CPU s (user + system), peak RSS GB, exit code, stderr tail) of one fresh process.
+    `cwd`: a neutral folder (`python -m` puts the working folder first on sys.path, before PYTHONPATH)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -71,10 +72,10 @@ def main():
                 e["KNEERECON_CACHE"] = os.path.join(out, "cache")
         else:  # one warm-up run each (file cache, OpenVINO's compiled-network cache), not counted
             for k, (extra, e) in paths.items():
-                run_once(base + extra + ["--output", os.path.join(out, "warm")], e)
+                run_once(base + extra + ["--output", os.path.join(out, "warm")], e, out)
         for i in range(a.repeats):
             for k, (extra, e) in paths.items():
-                wall, cpu, peak, rc, err = run_once(base + extra + ["--output", os.path.join(out, f"r{i}")], e)
+                wall, cpu, peak, rc, err = run_once(base + extra + ["--output", os.path.join(out, f"r{i}")], e, out)
                 if rc != 0:
                     sys.exit(f"{k}: exit {rc}\n{err}")
                 results[k].append((wall, cpu, peak))
