@@ -69,7 +69,7 @@ def gaussian_filter(a: np.ndarray, sigma: float | Sequence[float], mode: str = "
     return out
 
 
-def _linear_taps(coords: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _linear_taps(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For 1-D sample positions: the two neighbouring indices, the upper one's weight, and
     whether each position is inside [0, n - 1] (mode 'constant' gives cval outside)."""
     c = np.asarray(coords, np.float64)
@@ -90,8 +90,8 @@ def sample_bilinear(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode:
     if mode not in ("nearest", "constant"):
         raise ValueError(f"sample_bilinear supports modes 'nearest' and 'constant', not {mode!r}")
     img = np.asarray(image, np.float64)
-    r0, r1, fr, rin = _linear_taps(np.ravel(rows), img.shape[0], mode)
-    c0, c1, fc, cin = _linear_taps(np.ravel(cols), img.shape[1], mode)
+    r0, r1, fr, rin = _linear_taps(np.ravel(rows), img.shape[0])
+    c0, c1, fc, cin = _linear_taps(np.ravel(cols), img.shape[1])
     by_row = img[r0] * (1.0 - fr)[:, None] + img[r1] * fr[:, None]
     out = by_row[:, c0] * (1.0 - fc) + by_row[:, c1] * fc
     if mode == "constant":
