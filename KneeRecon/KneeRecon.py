@@ -235,23 +235,23 @@ class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
 
     def ensureDependencies(self, backend: str = "auto", device: str = "auto", ensemble: bool = False,
                            modelPath: Optional[str] = None) -> None:
-        """What this reconstruction needs that Slicer does not ship (numpy, scipy, SimpleITK, VTK and
-        Pillow come with Slicer and are never pip-installed):
+        """What this reconstruction needs that Slicer does not ship (numpy, SimpleITK, VTK and Pillow
+        come with Slicer and are never pip-installed):
         - the OpenVINO runtime, for the default CPU path: one pip install, after asking;
         - PyTorch, through the PyTorch extension (after asking), only for the torch backend, a CUDA
           device, the ensemble, or a model without a converted network."""
         if self.needsTorch(backend, device, ensemble, modelPath):
             self._ensureTorch()
             return
-        try:
-            import openvino  # noqa: F401
-        except ImportError:
+        from KneeReconLib import openvino_backend
+
+        if not openvino_backend.available():  # (imports it, without OpenVINO's usage telemetry)
             if not slicer.util.confirmOkCancelDisplay(
                     _("KneeRecon runs its network with the OpenVINO runtime ({req}, about 60 MB), which is not "
                       "installed yet. Install it now?").format(req=OPENVINO_REQUIREMENT)):
                 raise RuntimeError(_("The OpenVINO runtime is required (or choose the torch network runtime)."))
             slicer.util.pip_install(OPENVINO_REQUIREMENT)
-            import openvino  # noqa: F401
+            openvino_backend.import_openvino()
 
     @staticmethod
     def needsTorch(backend: str = "auto", device: str = "auto", ensemble: bool = False,
@@ -266,14 +266,14 @@ class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
         path = modelPath or resources.model_path()
         if not os.path.exists(path):
             return False  # the reconstruction says what is missing
+        from KneeReconLib import openvino_backend
+
         try:
-            import openvino as ov
+            ov = openvino_backend.import_openvino()
         except ImportError:
             # the runtime gets installed first; a bundled model ships with its converted network
             return bool(modelPath) and not os.path.exists(os.path.splitext(modelPath)[0] + ".openvino.xml")
-        from KneeReconLib.openvino_backend import find_ir
-
-        return find_ir(ov.Core(), os.path.abspath(path))[0] is None
+        return openvino_backend.find_ir(ov.Core(), os.path.abspath(path))[0] is None
 
     def _ensureTorch(self) -> None:
         try:

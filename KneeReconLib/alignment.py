@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
 
+from .ndfilters import gaussian_filter1d
 from .preprocessing import normalize_intensity
 from .xray_io import XRay
 

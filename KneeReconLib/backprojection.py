@@ -4,9 +4,9 @@ the resampled image; cone beam samples each detector where each voxel projects."
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter, map_coordinates
 
 from .geometry import ReconGrid, ViewGeometry
+from .ndfilters import gaussian_filter, sample_bilinear
 from .xray_io import XRay
 
 
@@ -17,31 +17,38 @@ def _antialias(pixels: np.ndarray, geom: ViewGeometry, grid_step_col: float, gri
     return gaussian_filter(pixels, sig, mode="nearest") if max(sig) > 0.1 else pixels
 
 
-def _sample(pixels: np.ndarray, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    # outside the detector the value is the edge value: the image simply goes on
-    return map_coordinates(pixels, [rows, cols], order=1, mode="nearest").astype(np.float32)
-
-
 def backproject_view(xray: XRay, grid: ReconGrid, offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-    """One channel [nz, ny, nx]: the image value seen by each voxel. `offset_mm` moves the
-    image content by that world offset (used by augmentation)."""
+    """One channel [nz, ny, nx]: the image value seen by each voxel (bilinear; outside the
+    detector the edge value: the image simply goes on). `offset_mm` moves the image content by
+    that world offset (used by augmentation).
+
+    A voxel's detector row depends only on its height and its depth along the beam, its column
+    only on its in-plane position and depth, so each plane of constant depth is the image sampled
+    on a grid of rows x columns (one plane in all for a parallel beam): the same values as
+    sampling every voxel's projection on its own, with 2 gathers per plane instead of 4 per voxel."""
     g = xray.geometry
-    a = 0 if g.view == "ap" else 1
+    a = 0 if g.view == "ap" else 1  # the in-plane horizontal world axis; the beam runs along the other
     px = _antialias(xray.pixels, g, grid.spacing[a], grid.spacing[2])
     x, y, z = (grid.axis(i) - offset_mm[i] for i in range(3))
+    u = x if a == 0 else y
+    out = np.empty(grid.shape, np.float32)
     if not g.cone:
-        if g.view == "ap":
-            zz, xx = np.meshgrid(z, x, indexing="ij")
-            cols, rows = g.project(xx, 0.0, zz)
-            plane = _sample(px, cols, rows)  # [nz, nx]
-            return np.ascontiguousarray(np.broadcast_to(plane[:, None, :], grid.shape))
-        zz, yy = np.meshgrid(z, y, indexing="ij")
-        cols, rows = g.project(0.0, yy, zz)
-        plane = _sample(px, cols, rows)  # [nz, ny]
-        return np.ascontiguousarray(np.broadcast_to(plane[:, :, None], grid.shape))
-    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
-    cols, rows = g.project(xx, yy, zz)
-    return _sample(px, cols, rows).reshape(grid.shape)
+        cols, _ = g.project(u, 0.0, 0.0) if a == 0 else g.project(0.0, u, 0.0)
+        _, rows = g.project(0.0, 0.0, z)
+        plane = sample_bilinear(px, rows, cols)  # [nz, nu]
+        out[:] = plane[:, None, :] if a == 0 else plane[:, :, None]
+        return out
+    depth_axis = y if a == 0 else x
+    for d, w in enumerate(depth_axis):
+        if a == 0:
+            cols, _ = g.project(u, w, 0.0)
+            _, rows = g.project(0.0, w, z)
+            out[:, d, :] = sample_bilinear(px, rows, cols)
+        else:
+            cols, _ = g.project(w, u, 0.0)
+            _, rows = g.project(w, 0.0, z)
+            out[:, :, d] = sample_bilinear(px, rows, cols)
+    return out
 
 
 def backproject(ap: XRay, lateral: XRay, grid: ReconGrid, lateral_offset_mm: float = 0.0,

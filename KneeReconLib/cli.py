@@ -10,6 +10,12 @@ import time
 from .errors import KneeReconError
 
 DISCLAIMER = "Research tool, not a medical device."
+# optional packages (import name -> what to install): reconstruction needs none of them, other commands
+# (training, DRRs, phantoms, evaluation, --backend torch) import them where they are used
+OPTIONAL_PACKAGES = {"torch": ("PyTorch", "kneerecon[train]"), "scipy": ("scipy", "kneerecon[train]"),
+                     "skimage": ("scikit-image", "kneerecon[train]"),
+                     "musculoskeletal_models": ("musculoskeletal-models", "kneerecon[anatomy]"),
+                     "gias3": ("gias3", "kneerecon[anatomy]")}
 
 
 def _progress_printer(prefix: str = ""):
@@ -520,6 +526,13 @@ def main(argv=None) -> int:
     except KneeReconError as e:
         sys.stderr.write(f"\nkneerecon: error: {e}\n")
         return e.exit_code
+    except ModuleNotFoundError as e:  # an optional package this command needs (not reconstruct's)
+        missing = OPTIONAL_PACKAGES.get((e.name or "").split(".")[0])
+        if missing is None:
+            raise
+        sys.stderr.write(f"\nkneerecon: error: kneerecon {args.command} needs {missing[0]}, which is not installed: "
+                         f"pip install '{missing[1]}'\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("\nkneerecon: interrupted; no partial output was kept\n")
         return 130

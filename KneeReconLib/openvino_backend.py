@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -25,10 +26,31 @@ from .errors import KneeReconError
 RT_KEY = ["kneerecon", "source_sha256"]
 
 
-def available() -> bool:
-    """Whether the openvino package can be imported."""
+def import_openvino():
+    """`import openvino` without its usage telemetry. On import, openvino (through openvino_telemetry,
+    opt-out) forks a process that posts a usage event to Google Analytics, waits for it up to 3 s
+    and keeps a client id under ~/intel: on every reconstruction, from a tool that handles patients'
+    images on machines that are often offline (where the wait lengthens each command). OpenVINO
+    falls back to its own no-op stub where openvino_telemetry cannot be imported, so it is made
+    unimportable while openvino is first imported, and importable again afterwards (nothing else
+    in the process is affected). KNEERECON_OPENVINO_TELEMETRY=1 leaves OpenVINO's default alone."""
+    if "openvino" in sys.modules or "openvino_telemetry" in sys.modules or \
+            os.environ.get("KNEERECON_OPENVINO_TELEMETRY") == "1":
+        import openvino
+        return openvino
+    sys.modules["openvino_telemetry"] = None
     try:
-        import openvino  # noqa: F401
+        import openvino
+    finally:
+        if "openvino_telemetry" in sys.modules and sys.modules["openvino_telemetry"] is None:
+            del sys.modules["openvino_telemetry"]
+    return openvino
+
+
+def available() -> bool:
+    """Whether the openvino package can be imported (it is imported, see import_openvino)."""
+    try:
+        import_openvino()
     except ImportError:
         return False
     return True

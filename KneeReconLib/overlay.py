@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
+from . import ndfilters
 from .geometry import ReconGrid, ViewGeometry
 from .labels import BONES
 from .preprocessing import normalize_intensity
@@ -20,16 +20,16 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry, height_o
         a = 0 if view.view == "ap" else 1
         plane = mask.any(axis=1 if a == 0 else 2).astype(np.float32)  # [nz, nx] (AP) or [nz, ny]
         u, v = view.pixel_to_detector(np.arange(view.width), np.arange(view.height))
-        kk, ii = np.meshgrid((v - height_offset_mm - grid.origin[2]) / grid.spacing[2], (u - grid.origin[a]) / grid.spacing[a], indexing="ij")
-        return ndimage.map_coordinates(plane, [kk, ii], order=1, mode="constant", cval=0.0) >= 0.5
+        rows, cols = (v - height_offset_mm - grid.origin[2]) / grid.spacing[2], (u - grid.origin[a]) / grid.spacing[a]
+        return ndfilters.sample_bilinear(plane, rows, cols, mode="constant", cval=0.0) >= 0.5
     # cone beam: every ray through the solid crosses its boundary, so splatting the boundary voxels and
     # filling holes gives the same silhouette as splatting all of them, at a fraction of the cost
-    box = ndimage.find_objects(mask.astype(np.uint8, copy=False))
-    if not box or box[0] is None:
+    box = ndfilters.bounding_box(mask)
+    if box is None:
         return out
-    sub = np.pad(mask[box[0]], 1)
-    k, j, i = np.nonzero(sub & ~ndimage.binary_erosion(sub))
-    k, j, i = (a + s.start - 1 for a, s in zip((k, j, i), box[0]))
+    sub = np.pad(mask[box], 1)
+    k, j, i = np.nonzero(sub & ~ndfilters.binary_erosion(sub))
+    k, j, i = (a + s.start - 1 for a, s in zip((k, j, i), box))
     x, y = grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1]
     z = grid.origin[2] + k * grid.spacing[2] + height_offset_mm
     # splat the voxel's footprint: corners of a half-voxel cross, enough for pixel-level silhouettes
@@ -47,7 +47,7 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry, height_o
             c, r = np.floor(c + 0.5).astype(int), np.floor(r + 0.5).astype(int)
             ok = (c >= 0) & (c < view.width) & (r >= 0) & (r < view.height)
             out[r[ok], c[ok]] = True
-    return ndimage.binary_fill_holes(ndimage.binary_closing(out, iterations=1))
+    return ndfilters.binary_fill_holes(ndfilters.binary_closing(out))
 
 
 def inner_boundary(mask: np.ndarray) -> np.ndarray:
@@ -55,7 +55,7 @@ def inner_boundary(mask: np.ndarray) -> np.ndarray:
     as inside beyond it (scikit-image's find_boundaries(mode="inner"), which this replaces so that
     the Slicer module needs no scikit-image)."""
     mask = np.asarray(mask, bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=1)
+    return mask & ~ndfilters.binary_erosion(mask, border_value=True)
 
 
 def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: ViewGeometry, thickness: int = 1,
@@ -67,7 +67,7 @@ def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: V
         sil = project_mask(labels == b.value, grid, view, height_offset_mm)
         edge = inner_boundary(sil)
         if thickness > 1:
-            edge = ndimage.binary_dilation(edge, iterations=thickness - 1)
+            edge = ndfilters.binary_dilation(edge, iterations=thickness - 1)
         rgb[edge] = (np.array(b.color) * 255).astype(np.uint8)
     return rgb
 

@@ -17,23 +17,14 @@ from vtkmodules.vtkFiltersCore import (vtkFlyingEdges3D, vtkPolyDataNormals, vtk
 from .fileio import atomic_path
 from .geometry import ReconGrid
 from .labels import BONES
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Slices of the bounding box of a binary mask (None when empty)."""
-    from scipy.ndimage import find_objects
-
-    box = find_objects(mask.astype(np.uint8, copy=False))
-    return box[0] if box and box[0] is not None else None
+from .ndfilters import bounding_box, bounding_boxes, gaussian_filter
 
 
 def clean_labels(labels: np.ndarray) -> np.ndarray:
     """Keep each bone's largest connected component and fill its internal holes. Each bone is
     processed inside its own bounding box (the same result as on the whole grid, faster)."""
-    from scipy.ndimage import find_objects
-
     out = np.zeros_like(labels, dtype=np.uint8)
-    boxes = find_objects(labels.astype(np.uint8, copy=False), max_label=max(b.value for b in BONES))
+    boxes = bounding_boxes(labels, max_label=max(b.value for b in BONES))
     for b in BONES:
         box = boxes[b.value - 1]
         if box is None:
@@ -49,8 +40,6 @@ def clean_labels(labels: np.ndarray) -> np.ndarray:
 def _blurred_box(mask: np.ndarray, grid: ReconGrid, box) -> tuple[vtkImageData, float]:
     """The bone's bounding box, padded by 2 voxels (that closes the surface) and lightly blurred
     (that removes the voxel staircase), as VTK image data placed in LPS mm."""
-    from scipy.ndimage import gaussian_filter
-
     m = gaussian_filter(np.pad(mask[box].astype(np.float32), 2), 0.6)
     img = vtkImageData()
     img.SetDimensions(m.shape[::-1])
@@ -65,7 +54,7 @@ def _blurred_box(mask: np.ndarray, grid: ReconGrid, box) -> tuple[vtkImageData, 
 def bone_surface(mask: np.ndarray, grid: ReconGrid, smoothing_iterations: int = 20,
                  target_reduction: float = 0.5) -> vtkPolyData:
     """Closed, smooth triangle surface of a binary mask on `grid`, points in LPS mm."""
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return vtkPolyData()
     img, peak = _blurred_box(mask, grid, box)

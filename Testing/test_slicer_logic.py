@@ -230,7 +230,7 @@ def test_model_loaded_once_per_session(recon):
 
 def test_session_through_the_logic_imports_no_torch(tmp_path):
     """bench/bench_slicer_logic.py in a fresh process: two reconstructions through the MRML logic,
-    the model reused, neither torch nor scikit-image imported."""
+    the model reused, none of torch, scikit-image and scipy imported."""
     import json
     import subprocess
 
@@ -241,4 +241,4 @@ def test_session_through_the_logic_imports_no_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["same_model_object"] and res["segments"] == 4 and res["precision"].startswith("OpenVINO"), res
-    assert not res["torch_imported"] and not res["skimage_imported"], res
+    assert not res["torch_imported"] and not res["skimage_imported"] and not res["scipy_imported"], res

@@ -1,4 +1,4 @@
-"""The reconstruction path uses only libraries 3D Slicer ships (VTK, SimpleITK, scipy, numpy): the
+"""The reconstruction path uses only libraries 3D Slicer ships (VTK, SimpleITK, numpy): the
 pieces that replaced scikit-image give the same results as scikit-image did (scikit-image is in the
 test environment through the [train] extra, so the comparison is made here)."""
 import os
@@ -11,9 +11,10 @@ from conftest import SAMPLE
 from KneeReconLib.alignment import knee_height, otsu3_upper
 from KneeReconLib.geometry import ReconGrid
 from KneeReconLib.labels import BONES
+from KneeReconLib.ndfilters import bounding_box
 from KneeReconLib.overlay import inner_boundary
 from KneeReconLib.preprocessing import normalize_intensity
-from KneeReconLib.surfaces import _bbox, _blurred_box, bone_surface, polydata_points, smooth_surface
+from KneeReconLib.surfaces import _blurred_box, bone_surface, polydata_points, smooth_surface
 from KneeReconLib.xray_io import read_xray
 
 skimage = pytest.importorskip("skimage")
@@ -32,7 +33,7 @@ def _marching_cubes_poly(mask, grid):
     from skimage.measure import marching_cubes
     from vtkmodules.util import numpy_support
 
-    box = _bbox(mask)
+    box = bounding_box(mask)
     img, _ = _blurred_box(mask, grid, box)
     m = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(img.GetDimensions()[::-1])
     sx, sy, sz = grid.spacing

@@ -76,7 +76,8 @@ def test_card_reader_runs_no_code_from_the_file(tmp_path):
 
 NO_TORCH_SCRIPT = r"""
 import json, os, sys, time
-sys.modules["torch"] = None  # `import torch` fails here, as where it is not installed
+for name in ("torch", "scipy", "skimage"):  # `import torch` etc. fail here, as where they are not installed
+    sys.modules[name] = None
 t0 = time.perf_counter()
 import KneeReconLib
 from KneeReconLib.outputs import write_outputs
@@ -85,14 +86,17 @@ write_outputs(rec, OUT)
 from KneeReconLib.cli import main
 rc = main(["reconstruct", "--ap", os.path.join(SAMPLE, "ap.nrrd"), "--lateral", os.path.join(SAMPLE, "lateral.nrrd"),
            "--side", "left", "--output", OUT + "_cli"])
-heavy = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("torch", "skimage", "vtk"))
+heavy = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in
+               ("torch", "scipy", "skimage", "vtk", "openvino_telemetry", "multiprocessing"))
 print(json.dumps({"rc": rc, "heavy": heavy, "precision": rec.precision, "backend": "openvino" if rec.precision.startswith("OpenVINO") else "torch"}))
 """
 
 
 def test_reconstruction_imports_no_torch(tmp_path):
-    """The API and the command line reconstruct the sample with torch unimportable; afterwards neither
-    torch nor scikit-image (nor the whole of vtk) is in sys.modules."""
+    """The API and the command line reconstruct the sample with torch, scipy and scikit-image
+    unimportable (as in a wheel installed without the [train] extra); afterwards none of them, nor
+    the whole of vtk, nor OpenVINO's usage telemetry (which forks a process to post an event) is in
+    sys.modules."""
     out = str(tmp_path / "out")
     code = f"SAMPLE = {SAMPLE!r}; OUT = {out!r}\n" + NO_TORCH_SCRIPT
     r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -123,6 +127,21 @@ def test_a_model_without_converted_network_and_no_torch_says_how_to_convert(tmp_
         code2 = code.replace(f"'--model', {str(model)!r}, ", ", ".join(repr(x) for x in args) + ", ")
         r = subprocess.run([sys.executable, "-c", code2], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and what in r.stderr and "kneerecon[train]" in r.stderr, (args, r.stderr[-1000:])
+
+
+def test_commands_that_need_the_train_extra_say_so(tmp_path):
+    """Without [train] (no torch, scipy, scikit-image) the commands that need it exit 2 with one line
+    naming the extra, no traceback."""
+    cases = ((["evaluate-2d", "--masks", str(tmp_path)], "kneerecon evaluate-2d needs scipy"),
+             (["train", "--data", str(tmp_path), "--output", str(tmp_path / "m.pt"), "--steps", "1"],
+              "kneerecon train needs PyTorch"))
+    for args, what in cases:
+        code = ("import sys\nfor n in ('torch', 'scipy', 'skimage'): sys.modules[n] = None\n"
+                f"from KneeReconLib.cli import main\nsys.exit(main({args!r}))")
+        r = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, (args, r.returncode, r.stderr[-2000:])
+        assert f"{what}, which is not installed: pip install 'kneerecon[train]'" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def _phantom_pair(seed):
