@@ -43,6 +43,11 @@ def cmd_reconstruct(a) -> int:
     print(f"time: {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in report['timings_s'].items())})")
     for n in report["notes"]:
         print(f"note: {n}")
+    from .quality import summary_line
+    print(summary_line(report["quality"]))
+    if a.fail_on_review and report["quality"].get("verdict") == "review":
+        sys.stderr.write("kneerecon: the quality verdict is 'review' (--fail-on-review): exit 3; the outputs were written\n")
+        return 3
     return 0
 
 
@@ -339,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height-offset", default="auto", metavar="auto|none|MM",
                    help="vertical offset of the lateral view against the AP: estimated from the images and corrected "
                         "(auto, default), not corrected (none), or this many mm (positive: lateral content higher)")
+    r.add_argument("--fail-on-review", action="store_true",
+                   help="exit with status 3 (after writing the outputs) when the quality report's verdict is 'review' "
+                        "(a bone disagrees with the X-rays or is implausible), for pipelines")
     r.set_defaults(func=cmd_reconstruct)
 
     rb = sub.add_parser("reconstruct-batch", help="reconstruct many X-ray pairs listed in a CSV manifest (resumable)",

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from . import resources
+from . import quality, resources
 from .alignment import crop_rows, estimate_height_offset, knee_height
 from .backprojection import backproject
 from .errors import KneeReconError
@@ -97,6 +97,7 @@ class Reconstruction:
     device: str = "cpu"
     notes: list = field(default_factory=list)
     detected_side: str | None = None
+    quality: dict = field(default_factory=dict)  # quality.assess: verdict per bone and overall, with reasons
 
     @property
     def lateral_offset_mm(self) -> float:
@@ -189,6 +190,7 @@ class Reconstructor:
         self.card = reconstruction_card(self.model_path)  # no PyTorch needed to read it
         self.tta = tta
         self.amp = amp
+        self.quality_config = quality.QualityConfig()  # thresholds of the quality report
         self.style = None
         if style:  # real radiograph -> DRR translation before the network (kneerecon train-style)
             needs_torch("--style")
@@ -284,8 +286,14 @@ class Reconstructor:
 
     def predict(self, volume: np.ndarray) -> np.ndarray:
         """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
+        return self.predict_with_margin(volume)[0]
+
+    def predict_with_margin(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(argmax labels, top-2 class-probability margin x 255 as uint8, or None where the
+        runtime does not give it) for a 2-channel volume [2, z, y, x]; the margin is the
+        network's confidence that quality.py reports."""
         if self.ov is not None:
-            return self.ov(volume)
+            return self.ov.labels_and_margin(volume)
         import torch
 
         x = torch.from_numpy(volume)[None].to(self.device, self.dtype)
@@ -294,15 +302,15 @@ class Reconstructor:
         cuda_amp = self.amp and self.device.startswith("cuda")
         dt = torch.bfloat16 if not cuda_amp or torch.cuda.is_bf16_supported() else torch.float16
         with torch.inference_mode(), torch.autocast("cuda", dtype=dt, enabled=cuda_amp):
-            if not self.tta and not self.members:
-                return self.net(x).argmax(1)[0].to(torch.uint8).cpu().numpy()
-            p = 0
+            p, n = 0, 0
             for net in [self.net] + self.members:
-                p = p + torch.softmax(net(x).float(), 1)
+                p, n = p + torch.softmax(net(x).float(), 1), n + 1
                 if self.tta:  # the knee mirrored left<->right (the input flipped along x, the same
                     # input a mirrored knee would give) and the prediction flipped back
-                    p = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1)
-            return p.argmax(1)[0].to(torch.uint8).cpu().numpy()
+                    p, n = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1), n + 1
+            top2 = torch.topk(p[0] / n, 2, dim=0)
+            margin = ((top2.values[0] - top2.values[1]) * 255.0).to(torch.uint8)
+            return top2.indices[0].to(torch.uint8).cpu().numpy(), margin.cpu().numpy()
 
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
@@ -383,14 +391,14 @@ class Reconstructor:
         t["backprojection"] = time.perf_counter() - t0
         check(0.2, "running the network")
         t0 = time.perf_counter()
-        raw = self.predict(vol)
+        raw, margin = self.predict_with_margin(vol)
         t["network"] = time.perf_counter() - t0
         check(0.6, "cleaning the label map")
         t0 = time.perf_counter()
         lab = clean_labels(raw)
         if grid != out_grid:
             lab = resample_labels(lab, grid, out_grid)
-        grid = out_grid
+        net_grid, grid = grid, out_grid
         t["postprocess"] = time.perf_counter() - t0
         if z_centre:  # back from the cropped window's frame to the images' own
             grid = ReconGrid(grid.shape, grid.spacing, (grid.origin[0], grid.origin[1], grid.origin[2] + z_centre))
@@ -414,12 +422,20 @@ class Reconstructor:
                     check(0.65 + 0.3 * (i + 1) / len(BONES), f"built the {futures[fut]} surface")
             surf = {b.name: surf[b.name] for b in BONES}
             t["surfaces"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        check(0.97, "checking the reconstruction against the X-rays")
+        if z_centre:
+            net_grid = ReconGrid(net_grid.shape, net_grid.spacing, (net_grid.origin[0], net_grid.origin[1],
+                                                                     net_grid.origin[2] + z_centre))
+        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid, margin, self.quality_config)
+        t["quality"] = time.perf_counter() - t0
         progress(1.0, "done")
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
         rec.detected_side = seen
         rec.precision = self.precision
         rec.ensemble = [{"name": c.get("name"), "version": c.get("version")} for c in self.member_cards]
         rec.height_offset = offset
+        rec.quality = report
         return rec
 
 

@@ -1,0 +1,276 @@
+"""Quality report of one reconstruction: does each reconstructed bone agree with the input X-rays
+and is it plausible, and so can it be used as it is (`ok`) or should a person look (`review`)?
+
+Per bone:
+- outline agreement per view: the bone's silhouette projected with the view's own geometry
+  (overlay.project_mask, the outline drawn in overlay.png), blurred, and the gradients of that
+  compared with the image's gradients around the outline: a normalised gradient correlation
+  (1: every outline pixel lies on an image edge of the same direction; 0: no relation). The same
+  correlation for the outline moved by up to `max_shift_mm` gives the shift at which it fits best
+  (a displaced bone fits better elsewhere);
+- the network's confidence: the mean margin between the two most probable classes on the bone's
+  surface voxels (where it is unsure, the margin is small), when the network's runtime gives it;
+- size: volume in ml and mean cross-section (volume per height of the field covered, cm^2, which
+  does not depend on how much shaft the image shows) against adult ranges;
+- pieces: connected components of the network's raw output for the bone and the share of its
+  voxels outside the largest (the label map keeps only the largest).
+Thresholds: `QualityConfig`, calibrated by scripts/calibrate_quality.py (README, "Quality report")."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import ndimage, signal
+
+from .geometry import ReconGrid, ViewGeometry
+from .labels import BONES
+from .overlay import splat_silhouette
+from .preprocessing import normalize_intensity
+from .xray_io import XRay
+
+VIEW_NAMES = {"ap": "AP", "lateral": "lateral"}
+
+
+def _default_min_outline() -> dict:
+    # bone -> minimum outline agreement (AP, lateral); scripts/calibrate_quality.py
+    return {"femur": (0.30, 0.30), "patella": (0.05, 0.20), "tibia": (0.30, 0.30), "fibula": (0.10, 0.10)}
+
+
+def _default_gain() -> dict:
+    # bone -> (AP, lateral) gain in agreement at the best shift that marks a displaced outline
+    return {"femur": (0.08, 0.08), "patella": (0.08, 0.08), "tibia": (0.08, 0.15), "fibula": (0.15, 0.30)}
+
+
+def _default_margin() -> dict:
+    # bone -> minimum mean class-probability margin on its surface
+    return {"femur": 0.2, "patella": 0.3, "tibia": 0.2, "fibula": 0.3}
+
+
+def _default_cross_section() -> dict:
+    # bone -> adult range of the mean cross-section in cm^2 (volume / height covered)
+    return {"femur": (8.0, 40.0), "patella": (4.0, 14.0), "tibia": (7.0, 35.0), "fibula": (0.6, 4.0)}
+
+
+def _default_volume() -> dict:
+    # bone -> adult range of the volume in ml within a knee field of view; the patella is whole
+    return {"femur": (40.0, 900.0), "patella": (5.0, 35.0), "tibia": (40.0, 900.0), "fibula": (2.0, 90.0)}
+
+
+@dataclass
+class QualityConfig:
+    """Thresholds of the quality report (defaults: calibrated, README "Quality report")."""
+
+    pixel_mm: float = 1.0  # the images are compared at this pixel size at the isocentre
+    sigma_mm: float = 1.0  # blur of image and outline before the gradients
+    border_mm: float = 3.0  # outline pixels this close to the image border are not compared
+    max_shift_mm: float = 6.0  # search range of the best-fitting outline shift
+    min_outline: dict = field(default_factory=_default_min_outline)
+    max_offset_mm: float = 3.0  # an outline fitting best this far away is displaced ...
+    min_offset_gain: dict = field(default_factory=_default_gain)  # ... if it fits this much better there (AP, lateral)
+    min_margin: dict = field(default_factory=_default_margin)  # mean top-2 class probability margin on the surface (0-1)
+    max_fragment_fraction: float = 0.10  # share of the raw output outside the largest piece
+    min_piece_ml: float = 0.2  # smaller raw pieces are not counted as components
+    cross_section_cm2: dict = field(default_factory=_default_cross_section)
+    volume_ml: dict = field(default_factory=_default_volume)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_view(view: ViewGeometry, pixel_mm: float) -> tuple[ViewGeometry, float]:
+    """A coarser view with the same field (centred, same geometry) and its pixel size factor."""
+    f = max(1.0, pixel_mm / min(view.iso_spacing))
+    w, h = max(8, int(round(view.width / f))), max(8, int(round(view.height / f)))
+    sp = (view.spacing[0] * view.width / w, view.spacing[1] * view.height / h)
+    return ViewGeometry(view.view, w, h, sp, view.sid, view.sod, view.side), f
+
+
+def _resample_image(pixels: np.ndarray, view: ViewGeometry, small: ViewGeometry) -> np.ndarray:
+    """The image at `small`'s pixel centres (anti-aliased, bilinear)."""
+    a = normalize_intensity(pixels)
+    fc, fr = small.spacing[0] / view.spacing[0], small.spacing[1] / view.spacing[1]
+    if max(fc, fr) > 1.2:
+        a = ndimage.gaussian_filter(a, (0.4 * fr, 0.4 * fc))
+    c = (np.arange(small.width) - (small.width - 1) / 2.0) * fc + (view.width - 1) / 2.0
+    r = (np.arange(small.height) - (small.height - 1) / 2.0) * fr + (view.height - 1) / 2.0
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    return ndimage.map_coordinates(a, [rr, cc], order=1, mode="nearest")
+
+
+def outline_agreement(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.ndarray, sigma_px: float,
+                      border_px: int, max_shift_px: int) -> dict | None:
+    """Normalised gradient correlation between an image and a bone's blurred silhouette, around
+    the silhouette's outline, at zero shift and at the best shift within `max_shift_px`.
+    `image_grad`: (d/drow, d/dcol) of the blurred image. None where the outline is not in view."""
+    if silhouette is None or not silhouette.any():
+        return None
+    m = ndimage.gaussian_filter(silhouette.astype(np.float32), sigma_px)
+    gm = np.gradient(m)
+    mag = np.hypot(*gm)
+    band = mag > 0.1 * mag.max()
+    if border_px:
+        band[:border_px], band[-border_px:], band[:, :border_px], band[:, -border_px:] = False, False, False, False
+    if band.sum() < 10:
+        return None
+    gm = [g * band for g in gm]
+    (r0, r1), (c0, c1) = [(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(band)]
+    k = max_shift_px
+    H, W = silhouette.shape
+    # the image's gradients over the band's box widened by the shift range (zeros outside the image)
+    def window(a):
+        out = np.zeros((r1 - r0 + 2 * k, c1 - c0 + 2 * k), np.float32)
+        rs, cs = max(0, r0 - k), max(0, c0 - k)
+        re, ce = min(H, r1 + k), min(W, c1 + k)
+        out[rs - (r0 - k):re - (r0 - k), cs - (c0 - k):ce - (c0 - k)] = a[rs:re, cs:ce]
+        return out
+    gi = [window(g) for g in image_grad]
+    gmc = [g[r0:r1, c0:c1] for g in gm]
+    w = band[r0:r1, c0:c1].astype(np.float32)
+    num = sum(signal.correlate(a, b, mode="valid", method="fft") for a, b in zip(gi, gmc))
+    den_i = signal.correlate(gi[0] ** 2 + gi[1] ** 2, w, mode="valid", method="fft")
+    den_m = float(sum((b ** 2).sum() for b in gmc))
+    ncc = num / np.sqrt(np.maximum(den_i, 1e-12) * max(den_m, 1e-12))
+    best = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    return {"agreement": float(ncc[k, k]), "best_agreement": float(ncc[best]),
+            "best_shift_px": (int(best[1]) - k, int(best[0]) - k)}  # (col, row) the outline fits best moved by
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of a mask with a 6-neighbour outside it (the box's faces count as outside)."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def bone_pieces(mask: np.ndarray, min_voxels: float) -> tuple[int, float]:
+    """(components of at least `min_voxels` voxels, share of the voxels outside the largest) of
+    one bone's mask in the network's raw output (6-connected, as clean_labels)."""
+    n_all = int(mask.sum())
+    if not n_all:
+        return 0, 0.0
+    lab, _ = ndimage.label(mask)
+    sizes = np.bincount(lab.ravel())[1:]
+    return max(int((sizes >= min_voxels).sum()), 1), float(1.0 - sizes.max() / n_all)
+
+
+def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral_offset_mm: float = 0.0,
+            raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, margin: np.ndarray | None = None,
+            config: QualityConfig | None = None) -> dict:
+    """The quality measurements per bone (no verdict): see the module docstring. `labels`: the
+    cleaned label map on `grid`; `raw` (on `raw_grid`): the network's own labels; `margin`: the
+    top-2 probability margin on `raw_grid` (uint8 0-255 or float 0-1), None when not available."""
+    cfg = config or QualityConfig()
+    out = {b.name: {"outline": {}} for b in BONES}
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    dz = grid.spacing[2]
+    for b in BONES:
+        m = labels == b.value
+        n = int(m.sum())
+        row = out[b.name]
+        row["volume_ml"] = round(n * voxel_ml, 3)
+        rows = np.nonzero(m.any(axis=(1, 2)))[0]
+        row["cross_section_cm2"] = round(n * voxel_ml / (len(rows) * dz / 10.0), 3) if len(rows) else None
+    # each bone's boundary voxels, found once (one search of the label map) for both views
+    found = ndimage.find_objects(labels, max_label=max(b.value for b in BONES))
+    points = {}
+    for b in BONES:
+        box = found[b.value - 1]
+        if box is not None:
+            sub = labels[box] == b.value
+            k, j, i = (a + s.start for a, s in zip(np.nonzero(_surface(sub)), box))
+            points[b.name] = (grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1],
+                              grid.origin[2] + k * grid.spacing[2])
+    for x, off in ((ap, 0.0), (lateral, lateral_offset_mm)):
+        small, f = _check_view(x.geometry, cfg.pixel_mm)
+        img = _resample_image(x.pixels, x.geometry, small)
+        px_mm = small.iso_spacing[0]
+        sigma_px = cfg.sigma_mm / px_mm
+        g = np.gradient(ndimage.gaussian_filter(img, sigma_px))
+        k = max(1, int(round(cfg.max_shift_mm / px_mm)))
+        border = int(np.ceil(cfg.border_mm / px_mm))
+        for b in BONES:
+            sil = splat_silhouette(points[b.name], grid, small, off) if b.name in points else None
+            res = outline_agreement(g, sil, sigma_px, border, k)
+            if res is not None:
+                sc, sr = res.pop("best_shift_px")
+                res["best_shift_mm"] = [round(sc * small.iso_spacing[0], 2), round(sr * small.iso_spacing[1], 2)]
+                res = {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in res.items()}
+            out[b.name]["outline"][x.geometry.view] = res
+    if raw is not None:
+        rv = float(np.prod((raw_grid or grid).spacing)) / 1000.0
+        raw_boxes = ndimage.find_objects(raw, max_label=max(b.value for b in BONES))
+    for b in BONES:
+        out[b.name]["confidence_margin"] = None
+        if raw is None:
+            continue
+        box = raw_boxes[b.value - 1]
+        if box is None:
+            out[b.name].update(components=0, fragment_fraction=0.0)
+            continue
+        sub = raw[box] == b.value
+        n, frac = bone_pieces(sub, cfg.min_piece_ml / rv)
+        out[b.name].update(components=n, fragment_fraction=round(frac, 4))
+        if margin is not None:
+            v = margin[box][_surface(sub)].astype(np.float32)
+            out[b.name]["confidence_margin"] = round(float(v.mean() / (255.0 if margin.dtype == np.uint8 else 1.0)), 4)
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def judge(measured: dict, config: QualityConfig | None = None) -> dict:
+    """Verdicts from `measure`'s numbers: per bone and overall `ok` or `review`, with the reasons
+    in words."""
+    cfg = config or QualityConfig()
+    bones, reasons = {}, []
+    for b in BONES:
+        m = measured[b.name]
+        why = []
+        if not m["volume_ml"]:
+            why.append("not found in the reconstruction")
+        else:
+            lo, hi = cfg.volume_ml[b.name]
+            if not lo <= m["volume_ml"] <= hi:
+                why.append(f"its volume {m['volume_ml']:.1f} ml is outside the adult range {lo:g}-{hi:g} ml")
+            cs = m.get("cross_section_cm2")
+            lo, hi = cfg.cross_section_cm2[b.name]
+            if cs is not None and not lo <= cs <= hi:
+                why.append(f"its mean cross-section {cs:.1f} cm^2 is outside the adult range {lo:g}-{hi:g} cm^2")
+            for i, v in enumerate(("ap", "lateral")):
+                o = m["outline"].get(v)
+                if o is None:
+                    continue
+                if o["agreement"] < cfg.min_outline[b.name][i]:
+                    why.append(f"its projected outline does not match the {VIEW_NAMES[v]} image (agreement "
+                               f"{_fmt(o['agreement'])}, expected at least {_fmt(cfg.min_outline[b.name][i])})")
+                elif np.hypot(*o["best_shift_mm"]) > cfg.max_offset_mm and \
+                        o["best_agreement"] - o["agreement"] >= cfg.min_offset_gain[b.name][i]:
+                    why.append(f"its projected outline fits the {VIEW_NAMES[v]} image better "
+                               f"{np.hypot(*o['best_shift_mm']):.1f} mm away")
+            if m.get("fragment_fraction", 0.0) > cfg.max_fragment_fraction:
+                why.append(f"the network gave it in {m['components']} pieces ({m['fragment_fraction']:.0%} of it outside "
+                           "the largest, which was kept)")
+            if m.get("confidence_margin") is not None and m["confidence_margin"] < cfg.min_margin[b.name]:
+                why.append(f"the network is unsure at its surface (mean class-probability margin "
+                           f"{_fmt(m['confidence_margin'])}, expected at least {_fmt(cfg.min_margin[b.name])})")
+        bones[b.name] = {**m, "verdict": "review" if why else "ok", "reasons": why}
+        reasons += [f"{b.name}: {w}" for w in why]
+    return {"verdict": "review" if reasons else "ok", "reasons": reasons, "bones": bones}
+
+
+def assess(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral_offset_mm: float = 0.0,
+           raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, margin: np.ndarray | None = None,
+           config: QualityConfig | None = None) -> dict:
+    """The quality report of one reconstruction (`measure`, then `judge`), with its run time."""
+    t0 = time.perf_counter()
+    q = judge(measure(labels, grid, ap, lateral, lateral_offset_mm, raw, raw_grid, margin, config), config)
+    q["time_s"] = round(time.perf_counter() - t0, 4)
+    return q
+
+
+def summary_line(quality: dict) -> str:
+    """One line for a console or a status bar: 'quality: ok' or 'quality: review - reason; reason'."""
+    if quality.get("verdict") == "ok":
+        return "quality: ok (every bone agrees with both X-rays and is plausible)"
+    return "quality: REVIEW - " + "; ".join(quality.get("reasons", []))
