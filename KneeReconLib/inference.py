@@ -427,7 +427,11 @@ class Reconstructor:
         if z_centre:
             net_grid = ReconGrid(net_grid.shape, net_grid.spacing, (net_grid.origin[0], net_grid.origin[1],
                                                                      net_grid.origin[2] + z_centre))
-        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid, margin, self.quality_config)
+        # the margin thresholds are calibrated on one network's probabilities; averaged ones (an
+        # ensemble, TTA) are less peaked, so their margin is not judged
+        averaged = self.tta or bool(self.members)
+        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid, None if averaged else margin,
+                                self.quality_config)
         t["quality"] = time.perf_counter() - t0
         progress(1.0, "done")
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)

@@ -3,7 +3,7 @@ and is it plausible, and so can it be used as it is (`ok`) or should a person lo
 
 Per bone:
 - outline agreement per view: the bone's silhouette projected with the view's own geometry
-  (overlay.project_mask, the outline drawn in overlay.png), blurred, and the gradients of that
+  (overlay.splat_silhouette, as the outlines in overlay.png), blurred, and the gradients of that
   compared with the image's gradients around the outline: a normalised gradient correlation
   (1: every outline pixel lies on an image edge of the same direction; 0: no relation). The same
   correlation for the outline moved by up to `max_shift_mm` gives the shift at which it fits best
@@ -12,7 +12,7 @@ Per bone:
   surface voxels (where it is unsure, the margin is small), when the network's runtime gives it;
 - size: volume in ml and mean cross-section (volume per height of the bone in the field, cm^2,
   which depends less on how much shaft the image shows) against the ranges of adult knees (the
-  calibration knees' range, widened; tightened where a bound separated bad reconstructions);
+  calibration knees' range, widened: a sanity check);
 - pieces: connected components of the network's raw output for the bone and the share of its
   voxels outside the largest (the label map keeps only the largest).
 Thresholds: `QualityConfig`, calibrated by scripts/calibrate_quality.py (README, "Quality report")."""
@@ -197,7 +197,7 @@ def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, latera
             points[b.name] = (grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1],
                               grid.origin[2] + k * grid.spacing[2])
     for x, off in ((ap, 0.0), (lateral, lateral_offset_mm)):
-        small, f = _check_view(x.geometry, cfg.pixel_mm)
+        small, _ = _check_view(x.geometry, cfg.pixel_mm)
         img = _resample_image(x.pixels, x.geometry, small)
         px_mm = small.iso_spacing[0]
         sigma_px = cfg.sigma_mm / px_mm

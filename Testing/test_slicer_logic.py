@@ -244,9 +244,10 @@ def test_session_through_the_logic_imports_no_torch(tmp_path):
     assert not res["torch_imported"] and not res["skimage_imported"], res
 
 
-def test_quality_verdict_on_the_segmentation(recon):
+def test_quality_verdict_on_the_segmentation(recon, bundled_model):
     """The quality report's verdict travels with the bones in the scene (and Slicer's status line)."""
-    _scene, logic, seg, _ap, _lat = recon
+    scene, logic, _seg, ap, lat = recon
+    seg = logic.reconstruct(ap, lat, side="left", modelPath=bundled_model, createModels=False)
     rec = logic.lastReconstruction
     assert rec.quality["verdict"] == "ok", rec.quality["reasons"]
     assert seg.GetAttribute("KneeRecon.Quality") == "ok"

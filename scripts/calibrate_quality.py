@@ -8,15 +8,20 @@ truth (Dice, by physical coordinates). A bone is bad below Dice 0.8 and good abo
   # 1. measure: calibration cases from LLP26 TRAINING subjects and procedural phantoms
   kneerecon cache --source llp26 --subjects train --geometry mixed --seed 6000000 --count 20 --output cache/cal_llp26
   kneerecon cache --seed 2000000 --count 16 --geometry mixed --output cache/cal_proc
-  python scripts/calibrate_quality.py measure --data cache/cal_llp26 cache/cal_proc --out cache/quality_cal.json
+  python scripts/calibrate_quality.py measure --data cache/llp_train --limit 35 --out cache/quality_cal_a1.json
+  python scripts/calibrate_quality.py measure --data cache/proc_train --limit 36 --out cache/quality_cal_a2.json
+  python scripts/calibrate_quality.py measure --broken --data cache/cal_llp26 cache/cal_proc --out cache/quality_cal_b.json
   # 2. held-out cases: LLP26 subjects 5, 10, 15, 20 (scripts/cross_subject.py build) and the contract-check knees
-  python scripts/calibrate_quality.py measure --data cache/xs_parallel cache/xs_cone \\
+  python scripts/calibrate_quality.py measure --broken --data cache/xs_parallel cache/xs_cone \\
       --case-dirs ../shared/contract-check/knee_a ../shared/contract-check/knee_b --out cache/quality_heldout.json
   # 3. thresholds from the calibration cases only, then the rates on both sets
-  python scripts/calibrate_quality.py fit --cal cache/quality_cal.json --heldout cache/quality_heldout.json
+  python scripts/calibrate_quality.py fit --cal cache/quality_cal_a1.json cache/quality_cal_a2.json \\
+      cache/quality_cal_b.json --heldout cache/quality_heldout.json
 
-`fit` prints the thresholds (to be written into QualityConfig's defaults) and the detection rate
-(bad bones flagged) and false-alarm rate (good bones flagged) with those thresholds.
+`fit` prints the thresholds (to be written into QualityConfig's defaults; `--defaults` scores the
+current defaults instead) and the detection rate (bad bones flagged) and false-alarm rate (good
+bones flagged) with those thresholds, for the reconstructions as they came and for the
+deliberately broken ones (`--broken`: one bone moved by BROKEN's millimetres) apart.
 """
 from __future__ import annotations
 
