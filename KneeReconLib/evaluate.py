@@ -127,7 +127,7 @@ def print_table(res: dict) -> None:
 
 
 def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print, style: str | None = None,
-                   ensemble: list[str] | None = None, backend: str = "auto") -> list[dict]:
+                   ensemble: list[str] | None = None, backend: str = "auto", refine: int = 1) -> list[dict]:
     """Reconstruct X-ray files and compare with a 3D truth by physical coordinates.
 
     Each folder holds ap.<ext>, lateral.<ext>, truth.nii.gz and optionally meta.json (side).
@@ -149,7 +149,7 @@ def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu",
             side = json.load(open(os.path.join(d, "meta.json"))).get("side")
         t0 = time.perf_counter()
         rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False, style=style,
-                          ensemble=ensemble, backend=backend)
+                          ensemble=ensemble, backend=backend, refine=refine)
         dt = time.perf_counter() - t0
         truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
         pred = sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

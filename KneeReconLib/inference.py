@@ -22,6 +22,7 @@ from .geometry import ReconGrid
 from .labels import BONES
 from .model_card import network_divisor, reconstruction_card
 from .preprocessing import collimated_border, fill_collimation, normalize_intensity
+from .refine import finer_grid, refine_labels
 from .surfaces import bone_surface, clean_labels
 from .xray_io import XRay, read_xray, with_side
 
@@ -286,14 +287,14 @@ class Reconstructor:
 
     def predict(self, volume: np.ndarray) -> np.ndarray:
         """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
-        return self.predict_with_margin(volume)[0]
+        return self.predict_scores(volume, scores=False)
 
-    def predict_with_margin(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(argmax labels, top-2 class-probability margin x 255 as uint8, or None where the
-        runtime does not give it) for a 2-channel volume [2, z, y, x]; the margin is the
-        network's confidence that quality.py reports."""
+    def predict_scores(self, volume: np.ndarray, scores: bool = True):
+        """(labels, class scores [K, z, y, x] float) of the network for a 2-channel volume; the
+        scores are logits (log-probabilities when members or TTA are averaged), None where an
+        OpenVINO IR converted before 0.5 returns labels only. With scores=False: the labels alone."""
         if self.ov is not None:
-            return self.ov.labels_and_margin(volume)
+            return self.ov(volume, scores=scores)
         import torch
 
         x = torch.from_numpy(volume)[None].to(self.device, self.dtype)
@@ -302,23 +303,28 @@ class Reconstructor:
         cuda_amp = self.amp and self.device.startswith("cuda")
         dt = torch.bfloat16 if not cuda_amp or torch.cuda.is_bf16_supported() else torch.float16
         with torch.inference_mode(), torch.autocast("cuda", dtype=dt, enabled=cuda_amp):
-            p, n = 0, 0
+            if not self.tta and not self.members:
+                logits = self.net(x)
+                labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+                return (labels, logits[0].float().cpu().numpy()) if scores else labels
+            p = 0
             for net in [self.net] + self.members:
-                p, n = p + torch.softmax(net(x).float(), 1), n + 1
+                p = p + torch.softmax(net(x).float(), 1)
                 if self.tta:  # the knee mirrored left<->right (the input flipped along x, the same
                     # input a mirrored knee would give) and the prediction flipped back
-                    p, n = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1), n + 1
-            top2 = torch.topk(p[0] / n, 2, dim=0)
-            margin = ((top2.values[0] - top2.values[1]) * 255.0).to(torch.uint8)
-            return top2.indices[0].to(torch.uint8).cpu().numpy(), margin.cpu().numpy()
+                    p = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1)
+            labels = p.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            return (labels, torch.log(p[0].clamp_min(1e-8)).cpu().numpy()) if scores else labels
 
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
-            cancel: Callable[[], bool] | None = None, height_offset: float | str | None = "auto") -> Reconstruction:
+            cancel: Callable[[], bool] | None = None, height_offset: float | str | None = "auto",
+            refine: int = 1) -> Reconstruction:
         """Reconstruct one pair. `height_offset`: "auto" estimates the lateral view's vertical
         displacement against the AP from the images and corrects it (when the estimate is
         reliable); a number (mm, positive = lateral content higher) corrects that much;
-        None or "none" corrects nothing."""
+        None or "none" corrects nothing. `refine`: the output grid has this many times DESIGN.md's
+        voxels per axis (1-3), labelled from the network's class scores interpolated (refine.py)."""
         progress = progress or (lambda f, m: None)
         t = {}
         side = side or ap.geometry.side
@@ -334,6 +340,8 @@ class Reconstructor:
         check(0.05, "back-projecting the X-rays")
         t0 = time.perf_counter()
         size = int(grid_size or self.card.get("grid_size", 128))
+        if refine not in (1, 2, 3):
+            raise KneeReconError(f"refine must be 1, 2 or 3 (times the grid's voxels per axis), got {refine!r}")
         div = self.divisor
         if size % div:
             raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
@@ -351,9 +359,10 @@ class Reconstructor:
         elif tall > LONG_IMAGE_MM:
             notes.append(f"the images are {tall:.0f} mm tall (cone beam: not cropped); the grid is coarse - crop the "
                          "images to the knee for a better result")
-        out_grid = ReconGrid.from_views(ap.geometry, lateral.geometry, size)  # DESIGN.md's grid, for the outputs
+        design = ReconGrid.from_views(ap.geometry, lateral.geometry, size)  # DESIGN.md's grid, for the outputs
+        out_grid = finer_grid(design, refine)
         grid = ReconGrid.for_network(ap.geometry, lateral.geometry, size)  # the scale the network was trained at
-        if grid != out_grid:
+        if grid != design:
             notes.append("the images' field of view is outside the trained range: the network ran on a "
                          f"{' x '.join(f'{s * n:.0f}' for s, n in zip(grid.spacing, grid.shape[::-1]))} mm grid around "
                          "the isocentre, resampled onto the output grid")
@@ -391,13 +400,23 @@ class Reconstructor:
         t["backprojection"] = time.perf_counter() - t0
         check(0.2, "running the network")
         t0 = time.perf_counter()
-        raw, margin = self.predict_with_margin(vol)
+        # class scores only where the output grid differs from the network's: they place the
+        # bones' boundaries between the network's voxels there (refine.py)
+        # (with PyTorch always: the quality report's margin reads them; OpenVINO keeps them in its
+        # output buffer, read there without a copy)
+        raw, scores = self.predict_scores(vol) if grid != out_grid or self.ov is None else (self.predict(vol), None)
+        net_scores = scores if scores is not None else (self.ov.last_scores() if self.ov is not None else None)
         t["network"] = time.perf_counter() - t0
         check(0.6, "cleaning the label map")
         t0 = time.perf_counter()
         lab = clean_labels(raw)
-        if grid != out_grid:
+        if grid != out_grid and scores is not None:
+            lab = refine_labels(scores, lab, grid, out_grid)
+        elif grid != out_grid:
             lab = resample_labels(lab, grid, out_grid)
+            if refine > 1:
+                notes.append("this model's converted network returns no class scores: the finer grid holds the "
+                             "network's labels resampled (re-convert it with kneerecon export-openvino)")
         net_grid, grid = grid, out_grid
         t["postprocess"] = time.perf_counter() - t0
         if z_centre:  # back from the cropped window's frame to the images' own
@@ -430,8 +449,8 @@ class Reconstructor:
         # the margin thresholds are calibrated on one network's probabilities; averaged ones (an
         # ensemble, TTA) are less peaked, so their margin is not judged
         averaged = self.tta or bool(self.members)
-        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid, None if averaged else margin,
-                                self.quality_config)
+        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid,
+                                None if averaged else net_scores, self.quality_config)
         t["quality"] = time.perf_counter() - t0
         progress(1.0, "done")
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
@@ -447,8 +466,9 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
                 style: str | None = None, tta: bool = False, backend: str = "auto",
-                ensemble: list[str] | None = None) -> Reconstruction:
-    """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s)."""
+                ensemble: list[str] | None = None, refine: int = 1) -> Reconstruction:
+    """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s).
+    `refine` 2 or 3: outputs on a grid that many times finer per axis (see `Reconstructor.run`)."""
     t0 = time.perf_counter()
     side_ = side or "right"
     if isinstance(ap, (str, os.PathLike)):
@@ -459,12 +479,14 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
     t0 = time.perf_counter()
     rec = Reconstructor(model, device, style=style, tta=tta, backend=backend, ensemble=ensemble)
     t_load = time.perf_counter() - t0
-    out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
+    out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset,
+                  refine=refine)
     if side is None:
         seen = out.detected_side
         if seen and seen != side_:
             if ap.geometry.cone or lateral.geometry.cone:  # the lateral source side changes the geometry: redo
-                out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset)
+                out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel,
+                              height_offset=height_offset, refine=refine)
             else:
                 out.side = seen
         out.notes = [n for n in out.notes if "but the side given" not in n]

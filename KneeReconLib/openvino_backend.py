@@ -67,7 +67,8 @@ def _writable(folder: str) -> bool:
 
 
 def _labels_module(net):
-    """The network followed by the argmax over classes, so that OpenVINO returns labels (uint8)."""
+    """The network followed by the argmax over classes, so that OpenVINO returns labels (uint8),
+    and, as a second output, the class scores (logits, fp16) for `refine.refine_labels`."""
     import torch
 
     class _Labels(torch.nn.Module):
@@ -76,7 +77,8 @@ def _labels_module(net):
             self.net = net
 
         def forward(self, x):
-            return self.net(x).argmax(1).to(torch.uint8)
+            logits = self.net(x)
+            return logits.argmax(1).to(torch.uint8), logits.half()
 
     return _Labels(net)
 
@@ -174,26 +176,6 @@ def native_bf16(core=None) -> bool:
         return False
 
 
-def with_margin(model):
-    """A copy of a labels-out IR with a second output: the margin between the two most probable
-    classes per voxel (softmax, top-1 minus top-2, times 255 as uint8), the network's own confidence
-    for the quality report (quality.py) at a few ms, computed inside the compiled network from the
-    class scores the argmax reads."""
-    import numpy as np
-    import openvino.opset13 as ops
-
-    model = model.clone()
-    argmax = [op for op in model.get_ordered_ops() if op.get_type_name() == "TopK"]
-    if len(argmax) != 1 or len(model.outputs) != 1:
-        return model  # not the graph `convert` makes: labels only
-    probs = ops.softmax(argmax[0].input_value(0), 1)
-    top2 = ops.topk(probs, 2, 1, "max", "value").output(0)
-    first, second = (ops.gather(top2, ops.constant(np.array([i], np.int64)), ops.constant(np.int64(1))) for i in (0, 1))
-    margin = ops.convert(ops.multiply(ops.subtract(first, second), ops.constant(np.float32(255.0))), "u8")
-    model.add_outputs([margin.output(0)])
-    return model
-
-
 class OpenVINONetwork:
     """Labels from a 2-channel volume with OpenVINO on the CPU.
 
@@ -212,7 +194,7 @@ class OpenVINONetwork:
         self.precision = precision
         self.threads = threads
         self.source = os.path.abspath(model_path)
-        sha = self.sha = file_sha256(self.source)
+        sha = file_sha256(self.source)
         self.ir_path, self.model = find_ir(self.core, self.source, sha)
         if self.model is None:
             if net is None:
@@ -238,35 +220,39 @@ class OpenVINONetwork:
                 model = model.clone()
                 model.reshape({0: list(shape)})
             elif self.ir_path is not None and _writable(compiled_cache_folder()):
-                # the IR's own shape, compiled from a file: OpenVINO keeps the compiled network in
-                # a cache (keyed by the file and the settings), so later processes load it in
-                # ~0.05 s instead of compiling for ~0.3-0.5 s (from an in-memory model it would
-                # hash the whole graph first, ~0.1 s more); the file is this IR with the margin
-                # output, written once into the cache folder
+                # the IR's own shape, compiled from its file: OpenVINO keeps the compiled network
+                # in a cache (keyed by the file and the settings), so later processes load it in
+                # ~0.05 s instead of compiling for ~0.3-0.5 s
+                model = self.ir_path
                 config["CACHE_DIR"] = compiled_cache_folder()
-                margin_xml = os.path.join(cache_folder(), self.sha[:32] + ".margin.xml")
-                try:
-                    if not os.path.exists(margin_xml):
-                        save(with_margin(model), margin_xml)
-                    model = margin_xml
-                except OSError:  # a read-only cache: the in-memory model (no compiled cache)
-                    config.pop("CACHE_DIR")
-            if not isinstance(model, str):
-                model = with_margin(model)
             self.compiled[shape] = self.core.compile_model(model, "CPU", config).create_infer_request()
         return self.compiled[shape]
 
-    def __call__(self, volume: np.ndarray) -> np.ndarray:
-        """uint8 labels [z, y, x] of a float32 volume [C, z, y, x]."""
-        return self.labels_and_margin(volume)[0]
+    @property
+    def has_scores(self) -> bool:
+        """Whether the IR also returns the class scores (IRs converted before 0.5 return labels only)."""
+        return len(self.model.outputs) > 1
 
-    def labels_and_margin(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(uint8 labels [z, y, x], uint8 top-2 class-probability margin x 255 [z, y, x] or None)."""
+    def __call__(self, volume: np.ndarray, scores: bool = False):
+        """uint8 labels [z, y, x] of a float32 volume [C, z, y, x]; with `scores`, (labels, class
+        scores [K, z, y, x] or None where the IR has none)."""
         x = np.ascontiguousarray(volume[None], dtype=np.float32)
-        out = self._request(x.shape).infer({0: x})
-        labels = np.array(out[0][0], dtype=np.uint8)
-        margin = np.array(out[1].reshape(labels.shape), dtype=np.uint8) if len(out) > 1 else None
-        return labels, margin
+        request = self._last = self._request(x.shape)
+        request.infer({0: x}, share_inputs=True, share_outputs=True)  # outputs read (and copied) below
+        labels = np.array(request.get_output_tensor(0).data[0], dtype=np.uint8)  # a copy: the buffer is reused
+        if not scores:
+            return labels
+        return labels, (np.array(request.get_output_tensor(1).data[0]) if self.has_scores else None)
+
+
+    def last_scores(self) -> np.ndarray | None:
+        """The class scores [K, z, y, x] of the last inference as a view of OpenVINO's output
+        buffer (no copy: valid until the next inference), for reading a few voxels (quality.py's
+        margin); None before the first inference or where the IR has no scores."""
+        request = getattr(self, "_last", None)
+        if request is None or not self.has_scores:
+            return None
+        return request.get_output_tensor(1).data[0]
 
 
 def export_ir(model_path: str, xml_path: str | None = None, grid_size: int | None = None) -> str:

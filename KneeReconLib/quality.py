@@ -8,8 +8,9 @@ Per bone:
   (1: every outline pixel lies on an image edge of the same direction; 0: no relation). The same
   correlation for the outline moved by up to `max_shift_mm` gives the shift at which it fits best
   (a displaced bone fits better elsewhere);
-- the network's confidence: the mean margin between the two most probable classes on the bone's
-  surface voxels (where it is unsure, the margin is small), when the network's runtime gives it;
+- the network's confidence: the mean margin between the two most probable classes (softmax of
+  its class scores) on the surface voxels of the bone in its raw output (where it is unsure, the
+  margin is small), when the network's runtime gives the scores;
 - size: volume in ml and mean cross-section (volume per height of the bone in the field, cm^2,
   which depends less on how much shaft the image shows) against the ranges of adult knees (the
   calibration knees' range, widened: a sanity check);
@@ -169,12 +170,22 @@ def bone_pieces(mask: np.ndarray, min_voxels: float) -> tuple[int, float]:
     return max(int((sizes >= min_voxels).sum()), 1), float(1.0 - sizes.max() / n_all)
 
 
+def surface_margin(scores: np.ndarray, box: tuple, mask: np.ndarray) -> float:
+    """Mean margin between the two most probable classes (softmax of `scores` [K, z, y, x], logits
+    or log-probabilities) on the surface voxels of `mask`, the bone inside `box` of the grid."""
+    s = np.asarray(scores[(slice(None), *box)])[:, _surface(mask)].astype(np.float32)
+    p = np.exp(s - s.max(axis=0))
+    p /= p.sum(axis=0)
+    top = np.sort(p, axis=0)
+    return float((top[-1] - top[-2]).mean())
+
+
 def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral_offset_mm: float = 0.0,
-            raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, margin: np.ndarray | None = None,
+            raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, scores: np.ndarray | None = None,
             config: QualityConfig | None = None) -> dict:
     """The quality measurements per bone (no verdict): see the module docstring. `labels`: the
-    cleaned label map on `grid`; `raw` (on `raw_grid`): the network's own labels; `margin`: the
-    top-2 probability margin on `raw_grid` (uint8 0-255 or float 0-1), None when not available."""
+    cleaned label map on `grid`; `raw` (on `raw_grid`): the network's own labels; `scores`: its
+    class scores [K, z, y, x] on `raw_grid` (logits or log-probabilities), None when not available."""
     cfg = config or QualityConfig()
     out = {b.name: {"outline": {}} for b in BONES}
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
@@ -226,9 +237,8 @@ def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, latera
         sub = raw[box] == b.value
         n, frac = bone_pieces(sub, cfg.min_piece_ml / rv)
         out[b.name].update(components=n, fragment_fraction=round(frac, 4))
-        if margin is not None:
-            v = margin[box][_surface(sub)].astype(np.float32)
-            out[b.name]["confidence_margin"] = round(float(v.mean() / (255.0 if margin.dtype == np.uint8 else 1.0)), 4)
+        if scores is not None:
+            out[b.name]["confidence_margin"] = round(surface_margin(scores, box, sub), 4)
     return out
 
 
@@ -277,11 +287,11 @@ def judge(measured: dict, config: QualityConfig | None = None) -> dict:
 
 
 def assess(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral_offset_mm: float = 0.0,
-           raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, margin: np.ndarray | None = None,
+           raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, scores: np.ndarray | None = None,
            config: QualityConfig | None = None) -> dict:
     """The quality report of one reconstruction (`measure`, then `judge`), with its run time."""
     t0 = time.perf_counter()
-    q = judge(measure(labels, grid, ap, lateral, lateral_offset_mm, raw, raw_grid, margin, config), config)
+    q = judge(measure(labels, grid, ap, lateral, lateral_offset_mm, raw, raw_grid, scores, config), config)
     q["time_s"] = round(time.perf_counter() - t0, 4)
     return q
 

@@ -1,7 +1,8 @@
 """Cost of the quality report (KneeReconLib/quality.py) on the bundled sample: `quality.assess`
 alone on one reconstruction (outline agreement on both views, pieces and margin of the raw
-output), and the network with and without its margin output (the OpenVINO network's second
-output). Wall time and CPU time (process, all threads), median of the repeats.
+output; the network's class scores are an output it computes anyway), and without the raw
+output (outlines and sizes only). Wall time and CPU time (process, all threads), median of the
+repeats.
 
     python bench/bench_quality.py [--repeats 15]
 """
@@ -30,8 +31,6 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args()
-    import numpy as np
-
     from KneeReconLib import quality
     from KneeReconLib.backprojection import backproject
     from KneeReconLib.geometry import ReconGrid
@@ -47,24 +46,15 @@ def main():
     grid = ReconGrid.for_network(ap.geometry, lat.geometry, r.grid.shape[0])
     vol = backproject(XRay(normalize_intensity(ap.pixels), ap.geometry), XRay(normalize_intensity(lat.pixels), lat.geometry),
                       grid, lateral_offset_mm=-r.lateral_offset_mm)
-    raw, margin = rec.predict_with_margin(vol)
+    raw, scores = rec.predict_scores(vol)
     labels = r.labels_array()
     print(f"sample: verdict {r.quality['verdict']}; network {rec.precision}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    w, c = timed(lambda: quality.assess(labels, r.grid, r.ap, r.lateral, r.lateral_offset_mm, raw, grid, margin), a.repeats)
+    w, c = timed(lambda: quality.assess(labels, r.grid, r.ap, r.lateral, r.lateral_offset_mm, raw, grid, scores), a.repeats)
     print(f"quality.assess: {w * 1000:.0f} ms wall, {c * 1000:.0f} ms CPU")
-    if rec.ov is not None:
-        import openvino as ov
-
-        from KneeReconLib.openvino_backend import with_margin
-        x = np.ascontiguousarray(vol[None], dtype=np.float32)
-        cfg = {"INFERENCE_PRECISION_HINT": rec.ov.precision, "PERFORMANCE_HINT": "LATENCY"}
-        plain = rec.ov.core.compile_model(rec.ov.model, "CPU", cfg).create_infer_request()
-        both = rec.ov.core.compile_model(with_margin(rec.ov.model), "CPU", cfg).create_infer_request()
-        for name, req in (("labels only", plain), ("labels + margin", both), ("labels only", plain),
-                          ("labels + margin", both)):
-            w, c = timed(lambda: req.infer({0: x}), max(3, a.repeats // 3))
-            print(f"network, {name}: {w * 1000:.0f} ms wall, {c * 1000:.0f} ms CPU")
+    w, c = timed(lambda: quality.assess(labels, r.grid, r.ap, r.lateral, r.lateral_offset_mm), a.repeats)
+    print(f"quality.assess without the network's raw labels and scores (outlines and sizes only): "
+          f"{w * 1000:.0f} ms wall, {c * 1000:.0f} ms CPU")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ placed at each knee's true pose, scored like a reconstruction).
   python scripts/cross_subject.py build --out cache/xs --poses 6       # cache/xs_parallel, cache/xs_cone
   kneerecon evaluate --data cache/xs_parallel                            # the network
   python scripts/cross_subject.py baseline --data cache/xs_parallel      # the mean-shape baseline
+  python scripts/cross_subject.py files --out cache/xsf --poses 2        # X-ray files + 0.75 mm truth
+  kneerecon evaluate --case-dirs cache/xsf/*                              # through files, by physical coordinates
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import glob
 import json
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,6 +58,38 @@ def build(out: str, poses: int, voxel: float) -> None:
                 print(f"cached {path}", flush=True)
 
 
+def files(out: str, poses: int, voxel: float) -> None:
+    """Cases as a user has them: ap.nrrd and lateral.nrrd (cone geometry in the header), the truth
+    label map at `voxel` mm and meta.json, one folder per case, parallel and cone beam."""
+    import SimpleITK as sitk
+
+    from KneeReconLib.drr import render_drr
+    from KneeReconLib.fileio import atomic_write_image, atomic_write_json
+    from KneeReconLib.xray_io import write_xray
+
+    for name, cone_p in GEOMETRIES.items():
+        geo = GeometryConfig(cone_p=cone_p, collimate_p=0.0, bone_slope=(1.2, 1.2))
+        for subject in TEST_SUBJECTS:
+            for k in range(poses):
+                seed = SEED0 + 1000 * subject + 500 + k  # poses of their own, not those of `build`
+                folder = os.path.join(out, f"{name}_s{subject:02d}_{seed}")
+                if os.path.exists(os.path.join(folder, "meta.json")):
+                    continue
+                os.makedirs(folder, exist_ok=True)
+                cfg = exact(subject)
+                cfg.voxel_mm = voxel
+                cfg.side = "left" if k % 2 else "right"
+                ph = generate_llp26_phantom(seed, cfg)
+                da, dl, drawn = geo.sample(ph.ct, cfg.side, np.random.default_rng([seed, 11]))
+                for view, drr in (("ap", da), ("lateral", dl)):
+                    pixels, g = render_drr(ph.ct, replace(drr, views=(view,)))[view]
+                    write_xray(pixels, g, os.path.join(folder, f"{view}.nrrd"))
+                atomic_write_image(sitk.Cast(ph.labels, sitk.sitkUInt8), os.path.join(folder, "truth.nii.gz"))
+                atomic_write_json({"side": cfg.side, "subject": subject, "seed": seed, "geometry": drawn},
+                                  os.path.join(folder, "meta.json"))
+                print(f"wrote {folder}", flush=True)
+
+
 def baseline(data: list[str], out: str | None) -> dict:
     rows = []
     for folder in data:
@@ -82,12 +117,18 @@ def main() -> int:
     b.add_argument("--out", default="cache/xs")
     b.add_argument("--poses", type=int, default=6, help="poses per subject and geometry (sides alternate)")
     b.add_argument("--voxel", type=float, default=1.0)
+    f = sub.add_parser("files")
+    f.add_argument("--out", default="cache/xsf")
+    f.add_argument("--poses", type=int, default=2, help="poses per subject and geometry (sides alternate)")
+    f.add_argument("--voxel", type=float, default=0.75, help="voxel of the truth label map (mm)")
     m = sub.add_parser("baseline")
     m.add_argument("--data", nargs="+", required=True)
     m.add_argument("--output", help="JSON file for the per-case and mean scores")
     a = p.parse_args()
     if a.cmd == "build":
         build(a.out, a.poses, a.voxel)
+    elif a.cmd == "files":
+        files(a.out, a.poses, a.voxel)
     else:
         baseline(a.data, a.output)
     return 0
