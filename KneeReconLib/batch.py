@@ -63,9 +63,9 @@ def _one(args) -> dict:
                           model=model, device=device)
         rep = write_outputs(rec, out, force=True)
         res.update({f"{b}_ml": f"{rep['volumes_ml'][b]:.2f}" for b in BONE_NAMES})
-        q = rep["quality"]
-        res.update(quality=q["verdict"], quality_reasons="; ".join(q["reasons"]),
-                   **{f"{b}_quality": q["bones"][b]["verdict"] for b in BONE_NAMES})
+        q = rep.get("quality") or {}
+        res.update(quality=q.get("verdict", ""), quality_reasons="; ".join(q.get("reasons", [])),
+                   **{f"{b}_quality": q.get("bones", {}).get(b, {}).get("verdict", "") for b in BONE_NAMES})
     except KneeReconError as e:
         res.update(status="error", error=str(e))
     res["time_s"] = f"{time.perf_counter() - t0:.2f}"

@@ -298,6 +298,8 @@ def assess(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral
 
 def summary_line(quality: dict) -> str:
     """One line for a console or a status bar: 'quality: ok' or 'quality: review - reason; reason'."""
+    if not quality or "verdict" not in quality:
+        return "quality: not assessed"
     if quality.get("verdict") == "ok":
         return "quality: ok (every bone agrees with both X-rays and is plausible)"
     return "quality: REVIEW - " + "; ".join(quality.get("reasons", []))
