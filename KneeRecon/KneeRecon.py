@@ -198,7 +198,9 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.showForReview(rec, p.apVolume, p.lateralVolume, seg)
                 vols = ", ".join(f"{k} {v:.0f} ml" for k, v in rec.volumes_ml.items())
                 times = ", ".join(f"{k} {v:.2f} s" for k, v in rec.timings_s.items())
-                status = _("Done in {t:.1f} s ({times}). Volumes: {vols}.").format(t=time.time() - t0, times=times, vols=vols)
+                # the quality verdict first: a 'review' must not hide behind the timings
+                status = self.logic.qualitySummary(rec) + " "
+                status += _("Done in {t:.1f} s ({times}). Volumes: {vols}.").format(t=time.time() - t0, times=times, vols=vols)
                 offset = getattr(rec, "height_offset", {}) or {}
                 if offset.get("applied_mm"):
                     status += " " + _("Height offset corrected: {mm:.1f} mm.").format(mm=offset["applied_mm"])

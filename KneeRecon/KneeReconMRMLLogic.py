@@ -134,11 +134,25 @@ class KneeReconMRMLLogic:
         self.lastReconstruction = rec
         seg = self.segmentationFromReconstruction(rec, segmentationNode,
                                                   name=f"KneeRecon {side} knee")
+        self.recordQuality(seg, rec)
         if createModels:
             self.modelsFromReconstruction(rec, folderName=f"KneeRecon {side} knee models")
         return seg
 
     # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def qualitySummary(rec) -> str:
+        """The quality report's verdict and reasons in one line (KneeReconLib.quality)."""
+        from KneeReconLib.quality import summary_line
+
+        return summary_line(rec.quality)
+
+    def recordQuality(self, segmentationNode, rec) -> None:
+        """The quality verdict on the segmentation node (attributes KneeRecon.Quality, `ok` or
+        `review`, and KneeRecon.QualitySummary), so it stays with the bones in the scene and a saved scene."""
+        segmentationNode.SetAttribute("KneeRecon.Quality", str(rec.quality.get("verdict", "")))
+        segmentationNode.SetAttribute("KneeRecon.QualitySummary", self.qualitySummary(rec))
+
     def segmentationFromReconstruction(self, rec, segmentationNode=None, name: str = "KneeRecon"):
         from KneeReconLib.labels import BONES
         from KneeReconLib.segfile import terminology_entry

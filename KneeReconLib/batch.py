@@ -4,7 +4,8 @@ Manifest columns: `id, ap, lateral` (required) and `side, pixel_spacing, sid, so
 relative paths are taken from the manifest's folder. Each case goes to DIR/<id>/ like
 `reconstruct`; a case whose folder already holds a report.json is skipped, so an interrupted
 run continues where it stopped. DIR/summary.csv lists every case: status, per-bone volumes,
-time, and the error message of failed cases."""
+time, the quality verdict (overall and per bone, `ok` or `review`, quality.py) with its reasons,
+and the error message of failed cases."""
 from __future__ import annotations
 
 import csv
@@ -54,13 +55,17 @@ def _one(args) -> dict:
         torch.set_num_threads(threads)
     out = os.path.join(out_root, row["id"])
     t0 = time.perf_counter()
-    res = {"id": row["id"], "status": "ok", "error": "", **{f"{b}_ml": "" for b in BONE_NAMES}}
+    res = {"id": row["id"], "status": "ok", "error": "", **{f"{b}_ml": "" for b in BONE_NAMES},
+           "quality": "", **{f"{b}_quality": "" for b in BONE_NAMES}, "quality_reasons": ""}
     try:
         rec = reconstruct(row["ap"], row["lateral"], side=row.get("side") or None,
                           pixel_spacing=_num(row.get("pixel_spacing")), sid=_num(row.get("sid")), sod=_num(row.get("sod")),
                           model=model, device=device)
         rep = write_outputs(rec, out, force=True)
         res.update({f"{b}_ml": f"{rep['volumes_ml'][b]:.2f}" for b in BONE_NAMES})
+        q = rep.get("quality") or {}
+        res.update(quality=q.get("verdict", ""), quality_reasons="; ".join(q.get("reasons", [])),
+                   **{f"{b}_quality": q.get("bones", {}).get(b, {}).get("verdict", "") for b in BONE_NAMES})
     except KneeReconError as e:
         res.update(status="error", error=str(e))
     res["time_s"] = f"{time.perf_counter() - t0:.2f}"
@@ -81,7 +86,8 @@ def run_batch(manifest: str, out_root: str, model: str | None = None, device: st
     log(f"{len(rows)} cases, {len(rows) - len(todo)} already done, {len(todo)} to run with {workers} worker(s)")
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     jobs = [(r, out_root, model, device, threads) for r in todo]
-    fields = ["id", "status", "time_s"] + [f"{b}_ml" for b in BONE_NAMES] + ["error"]
+    fields = (["id", "status", "time_s"] + [f"{b}_ml" for b in BONE_NAMES] + ["quality"]
+              + [f"{b}_quality" for b in BONE_NAMES] + ["quality_reasons", "error"])
 
     def record(res):
         done[res["id"]] = res

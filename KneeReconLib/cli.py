@@ -49,6 +49,11 @@ def cmd_reconstruct(a) -> int:
     print(f"time: {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in report['timings_s'].items())})")
     for n in report["notes"]:
         print(f"note: {n}")
+    from .quality import summary_line
+    print(summary_line(report["quality"]))
+    if a.fail_on_review and report["quality"].get("verdict") == "review":
+        sys.stderr.write("kneerecon: the quality verdict is 'review' (--fail-on-review): exit 3; the outputs were written\n")
+        return 3
     return 0
 
 
@@ -345,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--height-offset", default="auto", metavar="auto|none|MM",
                    help="vertical offset of the lateral view against the AP: estimated from the images and corrected "
                         "(auto, default), not corrected (none), or this many mm (positive: lateral content higher)")
+    r.add_argument("--fail-on-review", action="store_true",
+                   help="exit with status 3 (after writing the outputs) when the quality report's verdict is 'review' "
+                        "(a bone disagrees with the X-rays or is implausible), for pipelines")
     r.add_argument("--refine", type=int, choices=[1, 2, 3], default=1,
                    help="labels.nii.gz and the surfaces on a grid this many times finer per axis than DESIGN.md's "
                         "128^3 (2: 0.78 mm voxels over a 200 mm field), from the network's class scores interpolated "

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from . import resources
+from . import quality, resources
 from .alignment import crop_rows, estimate_height_offset, knee_height
 from .backprojection import backproject
 from .errors import KneeReconError
@@ -98,6 +98,7 @@ class Reconstruction:
     device: str = "cpu"
     notes: list = field(default_factory=list)
     detected_side: str | None = None
+    quality: dict = field(default_factory=dict)  # quality.assess: verdict per bone and overall, with reasons
 
     @property
     def lateral_offset_mm(self) -> float:
@@ -190,6 +191,7 @@ class Reconstructor:
         self.card = reconstruction_card(self.model_path)  # no PyTorch needed to read it
         self.tta = tta
         self.amp = amp
+        self.quality_config = quality.QualityConfig()  # thresholds of the quality report
         self.style = None
         if style:  # real radiograph -> DRR translation before the network (kneerecon train-style)
             needs_torch("--style")
@@ -400,7 +402,10 @@ class Reconstructor:
         t0 = time.perf_counter()
         # class scores only where the output grid differs from the network's: they place the
         # bones' boundaries between the network's voxels there (refine.py)
-        raw, scores = self.predict_scores(vol) if grid != out_grid else (self.predict(vol), None)
+        # (with PyTorch always: the quality report's margin reads them; OpenVINO keeps them in its
+        # output buffer, read there without a copy)
+        raw, scores = self.predict_scores(vol) if grid != out_grid or self.ov is None else (self.predict(vol), None)
+        net_scores = scores if scores is not None else (self.ov.last_scores() if self.ov is not None else None)
         t["network"] = time.perf_counter() - t0
         check(0.6, "cleaning the label map")
         t0 = time.perf_counter()
@@ -412,7 +417,7 @@ class Reconstructor:
             if refine > 1:
                 notes.append("this model's converted network returns no class scores: the finer grid holds the "
                              "network's labels resampled (re-convert it with kneerecon export-openvino)")
-        grid = out_grid
+        net_grid, grid = grid, out_grid
         t["postprocess"] = time.perf_counter() - t0
         if z_centre:  # back from the cropped window's frame to the images' own
             grid = ReconGrid(grid.shape, grid.spacing, (grid.origin[0], grid.origin[1], grid.origin[2] + z_centre))
@@ -436,12 +441,24 @@ class Reconstructor:
                     check(0.65 + 0.3 * (i + 1) / len(BONES), f"built the {futures[fut]} surface")
             surf = {b.name: surf[b.name] for b in BONES}
             t["surfaces"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        check(0.97, "checking the reconstruction against the X-rays")
+        if z_centre:
+            net_grid = ReconGrid(net_grid.shape, net_grid.spacing, (net_grid.origin[0], net_grid.origin[1],
+                                                                     net_grid.origin[2] + z_centre))
+        # the margin thresholds are calibrated on one network's probabilities; averaged ones (an
+        # ensemble, TTA) are less peaked, so their margin is not judged
+        averaged = self.tta or bool(self.members)
+        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid,
+                                None if averaged else net_scores, self.quality_config)
+        t["quality"] = time.perf_counter() - t0
         progress(1.0, "done")
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
         rec.detected_side = seen
         rec.precision = self.precision
         rec.ensemble = [{"name": c.get("name"), "version": c.get("version")} for c in self.member_cards]
         rec.height_offset = offset
+        rec.quality = report
         return rec
 
 

@@ -259,12 +259,22 @@ class OpenVINONetwork:
         """uint8 labels [z, y, x] of a float32 volume [C, z, y, x]; with `scores`, (labels, class
         scores [K, z, y, x] or None where the IR has none)."""
         x = np.ascontiguousarray(volume[None], dtype=np.float32)
-        request = self._request(x.shape)
+        request = self._last = self._request(x.shape)
         request.infer({0: x}, share_inputs=True, share_outputs=True)  # outputs read (and copied) below
         labels = np.array(request.get_output_tensor(0).data[0], dtype=np.uint8)  # a copy: the buffer is reused
         if not scores:
             return labels
         return labels, (np.array(request.get_output_tensor(1).data[0]) if self.has_scores else None)
+
+
+    def last_scores(self) -> np.ndarray | None:
+        """The class scores [K, z, y, x] of the last inference as a view of OpenVINO's output
+        buffer (no copy: valid until the next inference), for reading a few voxels (quality.py's
+        margin); None before the first inference or where the IR has no scores."""
+        request = getattr(self, "_last", None)
+        if request is None or not self.has_scores:
+            return None
+        return request.get_output_tensor(1).data[0]
 
 
 def export_ir(model_path: str, xml_path: str | None = None, grid_size: int | None = None) -> str:

@@ -54,6 +54,7 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "height_offset": getattr(rec, "height_offset", None),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "notes": rec.notes,
+        "quality": rec.quality,
         "disclaimer": "Research tool, not a medical device; not validated on clinical radiographs.",
     }
 

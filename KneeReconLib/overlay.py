@@ -15,7 +15,6 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry, height_o
     projected by the contract's geometry (a splat of each voxel's footprint), then gaps closed.
     `height_offset_mm`: the image shows the knee that much higher (the lateral view's offset
     that the reconstruction corrected), so the silhouette moves up with it."""
-    out = np.zeros((view.height, view.width), bool)
     if not view.cone:  # parallel beam: the silhouette on the grid's plane, sampled at the pixel centres
         a = 0 if view.view == "ap" else 1
         plane = mask.any(axis=1 if a == 0 else 2).astype(np.float32)  # [nz, nx] (AP) or [nz, ny]
@@ -24,14 +23,30 @@ def project_mask(mask: np.ndarray, grid: ReconGrid, view: ViewGeometry, height_o
         return ndfilters.sample_bilinear(plane, rows, cols, mode="constant", cval=0.0) >= 0.5
     # cone beam: every ray through the solid crosses its boundary, so splatting the boundary voxels and
     # filling holes gives the same silhouette as splatting all of them, at a fraction of the cost
+    return splat_silhouette(boundary_points(mask, grid), grid, view, height_offset_mm)
+
+
+def boundary_points(mask: np.ndarray, grid: ReconGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LPS mm (x, y, z) of the mask's boundary voxels (those with a 6-neighbour outside)."""
     box = ndfilters.bounding_box(mask)
     if box is None:
-        return out
+        return np.zeros(0), np.zeros(0), np.zeros(0)
     sub = np.pad(mask[box], 1)
     k, j, i = np.nonzero(sub & ~ndfilters.binary_erosion(sub))
     k, j, i = (a + s.start - 1 for a, s in zip((k, j, i), box))
-    x, y = grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1]
-    z = grid.origin[2] + k * grid.spacing[2] + height_offset_mm
+    return (grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1],
+            grid.origin[2] + k * grid.spacing[2])
+
+
+def splat_silhouette(points, grid: ReconGrid, view: ViewGeometry, height_offset_mm: float = 0.0) -> np.ndarray:
+    """Silhouette on `view`'s pixels of a solid given by its boundary voxels' centres `points`
+    (x, y, z in LPS mm, voxels of `grid`'s size): each voxel's footprint splatted by the
+    contract's geometry, gaps closed, holes filled."""
+    out = np.zeros((view.height, view.width), bool)
+    x, y, z = points
+    if not len(x):
+        return out
+    z = z + height_offset_mm
     # splat the voxel's footprint: corners of a half-voxel cross, enough for pixel-level silhouettes
     iso = view.iso_spacing
     a = 0 if view.view == "ap" else 1

@@ -242,3 +242,14 @@ def test_session_through_the_logic_imports_no_torch(tmp_path):
     res = json.loads(out.read_text())
     assert res["same_model_object"] and res["segments"] == 4 and res["precision"].startswith("OpenVINO"), res
     assert not res["torch_imported"] and not res["skimage_imported"] and not res["scipy_imported"], res
+
+
+def test_quality_verdict_on_the_segmentation(recon, bundled_model):
+    """The quality report's verdict travels with the bones in the scene (and Slicer's status line)."""
+    scene, logic, _seg, ap, lat = recon
+    seg = logic.reconstruct(ap, lat, side="left", modelPath=bundled_model, createModels=False)
+    rec = logic.lastReconstruction
+    assert rec.quality["verdict"] == "ok", rec.quality["reasons"]
+    assert seg.GetAttribute("KneeRecon.Quality") == "ok"
+    assert seg.GetAttribute("KneeRecon.QualitySummary") == logic.qualitySummary(rec)
+    assert logic.qualitySummary(rec).startswith("quality: ok")
