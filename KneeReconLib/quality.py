@@ -23,7 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage
+import SimpleITK as sitk
+
+from . import ndfilters
 
 from .geometry import ReconGrid, ViewGeometry
 from .labels import BONES
@@ -101,11 +103,10 @@ def _resample_image(pixels: np.ndarray, view: ViewGeometry, small: ViewGeometry)
     a = normalize_intensity(pixels)
     fc, fr = small.spacing[0] / view.spacing[0], small.spacing[1] / view.spacing[1]
     if max(fc, fr) > 1.2:
-        a = ndimage.gaussian_filter(a, (0.4 * fr, 0.4 * fc))
+        a = ndfilters.gaussian_filter(a, (0.4 * fr, 0.4 * fc))
     c = (np.arange(small.width) - (small.width - 1) / 2.0) * fc + (view.width - 1) / 2.0
     r = (np.arange(small.height) - (small.height - 1) / 2.0) * fr + (view.height - 1) / 2.0
-    rr, cc = np.meshgrid(r, c, indexing="ij")
-    return ndimage.map_coordinates(a, [rr, cc], order=1, mode="nearest")
+    return ndfilters.sample_bilinear(a, r, c, mode="nearest")
 
 
 def _correlate_valid(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -123,7 +124,7 @@ def outline_agreement(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.
     `image_grad`: (d/drow, d/dcol) of the blurred image. None where the outline is not in view."""
     if silhouette is None or not silhouette.any():
         return None
-    m = ndimage.gaussian_filter(silhouette.astype(np.float32), sigma_px)
+    m = ndfilters.gaussian_filter(silhouette.astype(np.float32), sigma_px)
     gm = np.gradient(m)
     mag = np.hypot(*gm)
     band = mag > 0.1 * mag.max()
@@ -156,7 +157,7 @@ def outline_agreement(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of a mask with a 6-neighbour outside it (the box's faces count as outside)."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    return mask & ~ndfilters.binary_erosion(mask, border_value=False)
 
 
 def bone_pieces(mask: np.ndarray, min_voxels: float) -> tuple[int, float]:
@@ -165,7 +166,7 @@ def bone_pieces(mask: np.ndarray, min_voxels: float) -> tuple[int, float]:
     n_all = int(mask.sum())
     if not n_all:
         return 0, 0.0
-    lab, _ = ndimage.label(mask)
+    lab = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
     sizes = np.bincount(lab.ravel())[1:]
     return max(int((sizes >= min_voxels).sum()), 1), float(1.0 - sizes.max() / n_all)
 
@@ -198,7 +199,7 @@ def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, latera
         rows = np.nonzero(m.any(axis=(1, 2)))[0]
         row["cross_section_cm2"] = round(n * voxel_ml / (len(rows) * dz / 10.0), 3) if len(rows) else None
     # each bone's boundary voxels, found once (one search of the label map) for both views
-    found = ndimage.find_objects(labels, max_label=max(b.value for b in BONES))
+    found = ndfilters.bounding_boxes(labels, max(b.value for b in BONES))
     points = {}
     for b in BONES:
         box = found[b.value - 1]
@@ -212,7 +213,7 @@ def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, latera
         img = _resample_image(x.pixels, x.geometry, small)
         px_mm = small.iso_spacing[0]
         sigma_px = cfg.sigma_mm / px_mm
-        g = np.gradient(ndimage.gaussian_filter(img, sigma_px))
+        g = np.gradient(ndfilters.gaussian_filter(img, sigma_px))
         k = max(1, int(round(cfg.max_shift_mm / px_mm)))
         border = int(np.ceil(cfg.border_mm / px_mm))
         for b in BONES:
@@ -225,7 +226,7 @@ def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, latera
             out[b.name]["outline"][x.geometry.view] = res
     if raw is not None:
         rv = float(np.prod((raw_grid or grid).spacing)) / 1000.0
-        raw_boxes = ndimage.find_objects(raw, max_label=max(b.value for b in BONES))
+        raw_boxes = ndfilters.bounding_boxes(raw, max(b.value for b in BONES))
     for b in BONES:
         out[b.name]["confidence_margin"] = None
         if raw is None:

@@ -59,7 +59,7 @@ def refine_labels(scores: np.ndarray, clean: np.ndarray, src: ReconGrid, dst: Re
             continue
         margin = bone_margin(scores, b.value, box)
         near = sitk.BinaryDilate(sitk.GetImageFromArray(mask[box].astype(np.uint8)), [neighbourhood_vox] * 3)
-        margin[sitk.GetArrayViewFromImage(near) == 0] = NO_BONE
+        margin[sitk.GetArrayViewFromImage(near) == 0] = NO_BONE  # `near` stays alive while its view is used
         # where the cleaned map kept the bone (holes filled), the margin may not say otherwise
         margin[mask[box] & (margin <= 0)] = 1e-3
         k0, j0, i0 = (s.start for s in box)
@@ -73,7 +73,7 @@ def refine_labels(scores: np.ndarray, clean: np.ndarray, src: ReconGrid, dst: Re
         ref = sitk.Image([s.stop - s.start for s in sub[::-1]], sitk.sitkFloat32)
         ref.SetSpacing(dst.spacing)
         ref.SetOrigin(tuple(dst.origin[a] + sub[2 - a].start * dst.spacing[a] for a in range(3)))
-        fine = sitk.GetArrayViewFromImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, NO_BONE))
+        fine = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, NO_BONE))
         win = best[sub]
         take = fine > win
         win[take] = fine[take]
