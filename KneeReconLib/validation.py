@@ -65,7 +65,7 @@ LIMITS: dict[str, Limit] = {
     "sod": DISTANCE_MM,
     "voxel": Limit(0.25, 5.0, unit="mm"),
     "grid_size": Limit(16, 512, integer=True, multiple_of=16),
-    "workers": Limit(1, 256, integer=True),
+    "workers": Limit(0, 256, integer=True),  # train: data-loader processes, 0 = in the main process
     "threads": Limit(0, 1024, integer=True),
     "count": COUNT,
     "seed": Limit(0, 2**32 - 1, integer=True),
@@ -95,6 +95,10 @@ LIMITS: dict[str, Limit] = {
     "base": Limit(1, 4096, integer=True),
     "res_blocks": Limit(0, 256, integer=True),
 }
+# where one command means something else by a dest: (command, dest) -> limit
+COMMAND_LIMITS: dict[tuple[str, str], Limit] = {
+    ("reconstruct-batch", "workers"): Limit(1, 256, integer=True),  # parallel reconstructions
+}
 # options given as text that may hold a number
 WORDS_OR_NUMBER: dict[str, tuple[tuple[str, ...], Limit]] = {
     "height_offset": (("auto", "none"), HEIGHT_OFFSET_MM),
@@ -118,6 +122,8 @@ def validate_args(args: argparse.Namespace) -> None:
                     limit.check(flag(dest), value)
                 except KneeReconError as e:
                     raise KneeReconError(f"{e} (or one of: {', '.join(words)})")
+        elif (getattr(args, "command", None), dest) in COMMAND_LIMITS and isinstance(value, (int, float)):
+            COMMAND_LIMITS[(args.command, dest)].check(flag(dest), value)
         elif dest in LIMITS and isinstance(value, (int, float)):
             LIMITS[dest].check(flag(dest), value)
         elif isinstance(value, float) and not math.isfinite(value):
