@@ -122,6 +122,10 @@ def validate_args(args: argparse.Namespace) -> None:
                     limit.check(flag(dest), value)
                 except KneeReconError as e:
                     raise KneeReconError(f"{e} (or one of: {', '.join(words)})")
+        elif (dest in LIMITS or (getattr(args, "command", None), dest) in COMMAND_LIMITS) and \
+                not isinstance(value, (int, float)):
+            # argparse turns "--sid=--" into an empty list instead of refusing it
+            raise KneeReconError(f"{flag(dest)} must be a number, got {value!r}")
         elif (getattr(args, "command", None), dest) in COMMAND_LIMITS and isinstance(value, (int, float)):
             COMMAND_LIMITS[(args.command, dest)].check(flag(dest), value)
         elif dest in LIMITS and isinstance(value, (int, float)):

@@ -115,3 +115,12 @@ def test_manifest_cells_are_checked(tmp_path, capsys):
     assert rows["b"]["status"] == "error" and "side must be left or right" in rows["b"]["error"]
     assert rows["c"]["status"] == "error" and "sid must be a number" in rows["c"]["error"]
     assert sorted(os.listdir(out)) == ["summary.csv"]
+
+
+@pytest.mark.parametrize("option", ["--pixel-spacing", "--sid"])
+def test_double_dash_value(capsys, tmp_path, option):
+    """argparse reads `--sid=--` as an empty list, not as a refusal: still exit 2 and one line."""
+    out = tmp_path / "o"
+    code, err = _run(capsys, "reconstruct", "--ap", AP, "--lateral", LAT, "--output", str(out), f"{option}=--")
+    assert code == 2 and f"{option} must be a number" in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
