@@ -206,6 +206,11 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     status += " " + _("Height offset corrected: {mm:.1f} mm.").format(mm=offset["applied_mm"])
                 if rec.notes:
                     status += " " + " ".join(rec.notes)
+                warnings = getattr(rec, "warnings", [])
+                if warnings:  # first, and in the log: not to be lost among the notes
+                    status = " ".join(_("WARNING: {w}.").format(w=w) for w in warnings) + " " + status
+                    for w in warnings:
+                        logging.warning(f"KneeRecon: {w}")
                 self.ui.statusLabel.text = status
         finally:
             self._running = False
@@ -368,4 +373,8 @@ class KneeReconTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(p.outputSegmentation)
         self.assertEqual(p.outputSegmentation.GetSegmentation().GetNumberOfSegments(), 4)
         self.assertGreaterEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLModelNode"), 4)
+        self.assertNotIn("WARNING", widget.ui.statusLabel.text)
+        p.side = "right"  # the sample is a left knee: the status must say so first
+        widget.onApplyButton()
+        self.assertTrue(widget.ui.statusLabel.text.startswith("WARNING: side right was given"))
         self.delayDisplay("Widget test passed")

@@ -17,6 +17,7 @@ set(KNEERECON_BUNDLED_RESOURCES
   Models/kneerecon_unet.openvino.bin
   Models/kneerecon_chen.pt
   Models/kneerecon_style.pt
+  Models/kneerecon_views.npz
   Models/MODEL_CARD.md
   Sample/ap.nrrd
   Sample/lateral.nrrd

@@ -120,17 +120,24 @@ class KneeReconMRMLLogic:
                     sid: float | None = None, sod: float | None = None, modelPath: str | None = None,
                     device: str = "cpu", segmentationNode=None, createModels: bool = True,
                     progress=None, cancel=None, heightOffset="auto", ensemble: bool = False,
-                    backend: str = "auto"):
+                    backend: str = "auto", viewsAsGiven: bool = False):
         """Run KneeRecon and put the result into the scene (`ensemble`: average with the bundled
         ChenNet, see `kneerecon reconstruct --ensemble`; `backend`: auto, openvino or torch, as
         `kneerecon reconstruct --backend`). The model is loaded once per session
         (getReconstructor). Returns the segmentation node; the full `Reconstruction` is kept in
-        `self.lastReconstruction`."""
+        `self.lastReconstruction`. The pair is checked first as `kneerecon reconstruct` checks it
+        (KneeReconError for the same picture twice or swapped views unless `viewsAsGiven`; a side
+        the images contradict ends up in `rec.warnings`)."""
+        from KneeReconLib.inference import attach_view_check
+        from KneeReconLib.view_check import check_views
+
         ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
+        viewCheck = check_views(ap, lat, ap, lat, viewsAsGiven)
         reconstructor = self.getReconstructor(modelPath, device, backend, ensemble)
         rec = reconstructor.run(ap, lat, side, surfaces=createModels, progress=progress, cancel=cancel,
                                 height_offset=heightOffset)
+        attach_view_check(rec, viewCheck, side)
         self.lastReconstruction = rec
         seg = self.segmentationFromReconstruction(rec, segmentationNode,
                                                   name=f"KneeRecon {side} knee")

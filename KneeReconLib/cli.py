@@ -1,4 +1,5 @@
-"""`kneerecon` command line: reconstruct, phantom, drr, cache, train, evaluate."""
+"""`kneerecon` command line: reconstruct, reconstruct-batch, merge-batch, phantom, drr, cache, train,
+evaluate. Every numeric option is checked (validation.py) before a command starts."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import sys
 import time
 
 from .errors import KneeReconError
+from .validation import OneLineArgumentParser, validate_args
 
 DISCLAIMER = "Research tool, not a medical device."
 # optional packages (import name -> what to install): reconstruction needs none of them, other commands
@@ -33,15 +35,18 @@ def _progress_printer(prefix: str = ""):
 
 def cmd_reconstruct(a) -> int:
     from .inference import reconstruct
-    from .outputs import check_output_folder, write_outputs
+    from .outputs import check_output_folder, output_lock, write_outputs
 
-    check_output_folder(a.output, a.force)  # fail before any work
-    t0 = time.perf_counter()
-    rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
-                      model=a.model, device=a.device, progress=_progress_printer(),
-                      height_offset=_height_offset_arg(a.height_offset), style=a.style, tta=a.tta,
-                      backend=a.backend, ensemble=_ensemble_arg(a.ensemble), refine=a.refine)
-    report = write_outputs(rec, a.output, a.force)
+    # the lock first: of two processes writing one folder, the second exits 2 instead of racing
+    with output_lock(a.output):
+        check_output_folder(a.output, a.force)  # fail before any work
+        t0 = time.perf_counter()
+        rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
+                          model=a.model, device=a.device, progress=_progress_printer(),
+                          height_offset=_height_offset_arg(a.height_offset), style=a.style, tta=a.tta,
+                          backend=a.backend, ensemble=_ensemble_arg(a.ensemble), views_as_given=a.views_as_given,
+                          refine=a.refine)
+        report = write_outputs(rec, a.output, a.force)
     total = time.perf_counter() - t0
     vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())
     print(f"wrote {a.output}: labels.nii.gz, segmentation.seg.nrrd, 4 STL surfaces, report.json, overlay.png")
@@ -51,6 +56,9 @@ def cmd_reconstruct(a) -> int:
         print(f"note: {n}")
     from .quality import summary_line
     print(summary_line(report["quality"]))
+    for w in report["warnings"]:  # last, and on both streams: what a user must not miss
+        print(f"WARNING: {w}")
+        sys.stderr.write(f"kneerecon: WARNING: {w}\n")
     if a.fail_on_review and report["quality"].get("verdict") == "review":
         sys.stderr.write("kneerecon: the quality verdict is 'review' (--fail-on-review): exit 3; the outputs were written\n")
         return 3
@@ -75,10 +83,24 @@ def _height_offset_arg(text: str):
 
 
 def cmd_reconstruct_batch(a) -> int:
-    from .batch import run_batch
+    from .batch import BatchConfig, parse_shard, run_batch
 
-    path = run_batch(a.manifest, a.output, model=a.model, device=a.device, workers=a.workers)
-    print(f"summary: {path}")
+    cfg = BatchConfig(model=a.model, device=a.device, workers=a.workers, shard=parse_shard(a.shard),
+                      views_as_given=a.views_as_given)
+    path, rows = run_batch(a.manifest, a.output, cfg)
+    failed = sum(r.get("status") != "ok" for r in rows)
+    warned = sum(bool(r.get("warnings")) for r in rows)
+    print(f"summary: {path} ({len(rows)} cases: {len(rows) - failed} reconstructed, {failed} failed, "
+          f"{warned} with warnings)")
+    return 0
+
+
+def cmd_merge_batch(a) -> int:
+    from .batch import merge_shards
+
+    path, info = merge_shards(a.output, a.manifest)
+    counts = ", ".join(f"{k} {v}" for k, v in info["status"].items())
+    print(f"merged {info['shards']} shard summaries ({info['cases']} cases: {counts}) into {path}")
     return 0
 
 
@@ -318,7 +340,7 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kneerecon", description=f"3D knee bones from two X-rays. {DISCLAIMER}")
+    p = OneLineArgumentParser(prog="kneerecon", description=f"3D knee bones from two X-rays. {DISCLAIMER}")
     p.add_argument("--version", action=_VersionAction, help="print KneeRecon's version and the bundled model's, then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -357,17 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels.nii.gz and the surfaces on a grid this many times finer per axis than DESIGN.md's "
                         "128^3 (2: 0.78 mm voxels over a 200 mm field), from the network's class scores interpolated "
                         "between its voxels: closer to the true bone boundary, 8x the file size (default 1)")
+    r.add_argument("--views-as-given", action="store_true",
+                   help="skip the check that --ap looks like an AP view and --lateral like a lateral one (a pair that "
+                        "looks swapped is refused otherwise)")
     r.set_defaults(func=cmd_reconstruct)
 
     rb = sub.add_parser("reconstruct-batch", help="reconstruct many X-ray pairs listed in a CSV manifest (resumable)",
                         description="Manifest columns: id, ap, lateral [, side, pixel_spacing, sid, sod]. Each case is "
-                        "written to OUTPUT/<id>/; cases already done are skipped; OUTPUT/summary.csv lists all cases.")
+                        "written to OUTPUT/<id>/ (complete or not at all); cases already done are skipped, so a killed "
+                        "batch is resumed by running it again; OUTPUT/summary.csv lists all cases.")
     rb.add_argument("manifest")
     rb.add_argument("--output", required=True)
     rb.add_argument("--model")
     rb.add_argument("--device", default="cpu")
     rb.add_argument("--workers", type=int, default=1, help="parallel processes (threads are split between them)")
+    rb.add_argument("--shard", metavar="K/N", help="run only shard K of N (cases by a hash of their id; writes "
+                    "OUTPUT/summary-K-of-N.csv): one per SLURM array task or Kubernetes indexed job; then merge-batch")
+    rb.add_argument("--views-as-given", action="store_true", help="skip the AP/lateral view check (see reconstruct)")
     rb.set_defaults(func=cmd_reconstruct_batch)
+
+    mb = sub.add_parser("merge-batch", help="merge the shard summaries of reconstruct-batch --shard into summary.csv",
+                        description="Checks that the summaries of shards 1..N are all there and that every case is in "
+                        "exactly one of them (with --manifest: every case of the manifest), then writes "
+                        "OUTPUT/summary.csv in the manifest's order.")
+    mb.add_argument("--output", required=True, help="the batch's output folder (holding summary-K-of-N.csv)")
+    mb.add_argument("--manifest", help="the manifest: check that the shards cover it exactly once")
+    mb.set_defaults(func=cmd_merge_batch)
 
     ph = sub.add_parser("phantom", help="generate labelled knee CT phantoms")
     ph.add_argument("--count", type=int, default=1)
@@ -530,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        validate_args(args)  # NaN, inf, negative, absurd: one line and exit 2 before any work
         return args.func(args)
     except KneeReconError as e:
         sys.stderr.write(f"\nkneerecon: error: {e}\n")

@@ -36,8 +36,14 @@ class ViewGeometry:
     def __post_init__(self):
         if self.view not in VIEWS:
             raise KneeReconError(f"unknown view {self.view!r}; expected 'ap' or 'lateral'")
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):  # NaN passes every comparison: test it first
+            raise KneeReconError(f"the {self.view} pixel spacing must be positive finite mm, got {tuple(self.spacing)}")
+        if self.width < 1 or self.height < 1:
+            raise KneeReconError(f"the {self.view} image has no pixels ({self.width}x{self.height})")
         if (self.sid is None) != (self.sod is None):
             raise KneeReconError("cone-beam geometry needs both SID and SOD")
+        if self.cone and not (np.isfinite(self.sid) and np.isfinite(self.sod)):
+            raise KneeReconError(f"cone-beam geometry needs finite SID and SOD (got SID={self.sid}, SOD={self.sod})")
         if self.cone and not (0 < self.sod < self.sid):
             raise KneeReconError(f"cone-beam geometry needs 0 < SOD < SID (got SID={self.sid}, SOD={self.sod})")
         if self.side not in SIDES:

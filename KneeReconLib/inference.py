@@ -99,6 +99,8 @@ class Reconstruction:
     notes: list = field(default_factory=list)
     detected_side: str | None = None
     quality: dict = field(default_factory=dict)  # quality.assess: verdict per bone and overall, with reasons
+    warnings: list = field(default_factory=list)  # what the user must not miss (CLI, report.json, Slicer status)
+    view_check: dict = field(default_factory=dict)
 
     @property
     def lateral_offset_mm(self) -> float:
@@ -466,15 +468,24 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
                 style: str | None = None, tta: bool = False, backend: str = "auto",
-                ensemble: list[str] | None = None, refine: int = 1) -> Reconstruction:
+                ensemble: list[str] | None = None, views_as_given: bool = False, refine: int = 1) -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s).
-    `refine` 2 or 3: outputs on a grid that many times finer per axis (see `Reconstructor.run`)."""
+    `refine` 2 or 3: outputs on a grid that many times finer per axis (see `Reconstructor.run`).
+
+    Before any network work the pair is checked (view_check.py): the same file or the same
+    pixels given twice, or a pair whose views look swapped, raise KneeReconError (`views_as_given`
+    skips the view test, not the duplicate test). A `side` that the AP image or the reconstructed
+    fibula contradicts is kept but warned about in `Reconstruction.warnings`."""
+    from .view_check import check_views
+
     t0 = time.perf_counter()
     side_ = side or "right"
+    ap_source, lateral_source = ap, lateral
     if isinstance(ap, (str, os.PathLike)):
         ap = read_xray(os.fspath(ap), "ap", pixel_spacing, sid, sod, side_)
     if isinstance(lateral, (str, os.PathLike)):
         lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
+    vc = check_views(ap_source, lateral_source, ap, lateral, views_as_given)
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     rec = Reconstructor(model, device, style=style, tta=tta, backend=backend, ensemble=ensemble)
@@ -493,4 +504,17 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
         out.notes.append(f"side not given: detected {out.side} from the fibula's position" if seen
                          else "side not given and not detectable (no fibula found): assumed right")
     out.timings_s = {"read": t_read, "load_model": t_load, **out.timings_s}
+    attach_view_check(out, vc, side)
     return out
+
+
+def attach_view_check(rec: Reconstruction, vc, declared_side: str | None) -> None:
+    """Put the view check's findings into the reconstruction (report.json `view_check`) and turn a
+    declared side that the images contradict into a warning (not only a note)."""
+    from .view_check import side_warnings
+
+    rec.view_check = vc.to_dict() if vc is not None else {"skipped": "views taken as given"}
+    warnings = side_warnings(declared_side, vc, rec.detected_side)
+    if warnings:
+        rec.notes = [n for n in rec.notes if "but the side given" not in n]  # said once, as a warning
+    rec.warnings = list(rec.warnings) + warnings

@@ -2,12 +2,15 @@
 beside the target, which is renamed into place only when every file is complete."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 
 import SimpleITK as sitk
 
@@ -26,6 +29,81 @@ def check_output_folder(folder: str, force: bool) -> None:
         raise KneeReconError(f"output {folder!r} exists and is not a folder")
     if os.path.isdir(folder) and os.listdir(folder) and not force:
         raise KneeReconError(f"output folder {folder!r} already exists and is not empty; use --force to replace it")
+
+
+TEMP_PREFIX = ".kneerecon-"
+
+
+def lock_path(folder: str) -> str:
+    """The lock file of an output folder: beside it (the folder itself appears only when complete)."""
+    folder = os.path.abspath(folder)
+    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.kneerecon.lock")
+
+
+@contextmanager
+def output_lock(folder: str):
+    """Hold an exclusive lock on writing `folder` for the duration; a second process that wants
+    the same folder gets KneeReconError at once (exit 2) instead of racing the first one. The
+    lock is an flock(2) on a file beside the folder: the kernel drops it when its holder dies,
+    even by SIGKILL, so a crash never leaves a folder locked."""
+    path = lock_path(folder)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise KneeReconError(f"another kneerecon process is writing {folder!r} right now; wait for it to "
+                                     "finish or choose another --output")
+            raise
+        # the previous holder may have removed the file between our open and our lock: then our
+        # lock is on an orphaned inode, and a newcomer could lock a fresh file; start again
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        try:
+            os.remove(path)  # while still holding the lock, so nobody else holds this inode
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def remove_stale_temp(parent: str) -> list[str]:
+    """Remove temporary output folders in `parent` left by processes that died (the pid in the
+    name is no longer running): a SIGKILL in the middle of `write_outputs` leaves one."""
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for name in os.listdir(parent):
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        pid = name[len(TEMP_PREFIX):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = os.path.join(parent, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
@@ -53,6 +131,9 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "ensemble": getattr(rec, "ensemble", []),
         "height_offset": getattr(rec, "height_offset", None),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
+        "warnings": list(getattr(rec, "warnings", []) or []),
+        "quality": getattr(rec, "quality", None) or {},
+        "view_check": getattr(rec, "view_check", None) or {},
         "notes": rec.notes,
         "quality": rec.quality,
         "disclaimer": "Research tool, not a medical device; not validated on clinical radiographs.",
@@ -65,7 +146,8 @@ def write_outputs(rec: Reconstruction, folder: str, force: bool = False) -> dict
     folder = os.path.abspath(folder)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".kneerecon-", dir=parent)
+    # the pid in the name lets a later run tell a dead writer's leftovers from a live one's
+    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o755)
     try:
         t = {}
@@ -82,8 +164,10 @@ def write_outputs(rec: Reconstruction, folder: str, force: bool = False) -> dict
         report = report_dict(rec, t)
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # report.json marks a finished case: it must not be empty after a crash
         if os.path.isdir(folder):
-            old = folder + ".old-" + str(os.getpid())
+            old = os.path.join(parent, f"{TEMP_PREFIX}{os.getpid()}-old-{os.path.basename(folder)}")
             os.rename(folder, old)
             os.rename(tmp, folder)
             shutil.rmtree(old, ignore_errors=True)

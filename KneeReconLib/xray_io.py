@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,6 +27,28 @@ class XRay:
     pixels: np.ndarray
     geometry: ViewGeometry
     info: dict = field(default_factory=dict)  # e.g. DICOM-derived SID/SOD, source file
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """Silence what C libraries print straight to the process's stderr while a file is decoded
+    (libpng's "CRC error" lines, GDCM and ITK warnings): a broken file is reported once, as
+    KneeReconError's one line, not as a page of library chatter."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _is_dicom(path: str) -> bool:
@@ -82,7 +106,8 @@ def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] |
     if not os.path.isfile(path):
         raise KneeReconError(f"{view} image {path!r} does not exist")
     try:
-        img = sitk.ReadImage(path)
+        with _native_stderr_silenced():
+            img = sitk.ReadImage(path)
     except RuntimeError as e:
         raise KneeReconError(f"cannot read the {view} image {path!r}: it is not an image file SimpleITK can read "
                              f"(or it is corrupt): {str(e).strip().splitlines()[-1][:160]}")
@@ -143,7 +168,7 @@ def read_xray(path: str, view: str, pixel_spacing: float | tuple[float, float] |
         raise KneeReconError(
             f"the {view} image {path!r} carries no pixel spacing (PNG/JPEG/TIFF files and DICOM without "
             "Imager Pixel Spacing do not); give it with --pixel-spacing MM (mm per pixel at the detector)")
-    if min(spacing) <= 0 or max(spacing) > 10:
+    if not np.isfinite(spacing).all() or min(spacing) <= 0 or max(spacing) > 10:
         raise KneeReconError(f"the {view} image {path!r} has an implausible pixel spacing {spacing} mm")
     if float(px.max() - px.min()) <= 0:
         raise KneeReconError(f"the {view} image {path!r} is blank (all pixels equal)")

@@ -253,3 +253,20 @@ def test_quality_verdict_on_the_segmentation(recon, bundled_model):
     assert seg.GetAttribute("KneeRecon.Quality") == "ok"
     assert seg.GetAttribute("KneeRecon.QualitySummary") == logic.qualitySummary(rec)
     assert logic.qualitySummary(rec).startswith("quality: ok")
+
+
+def test_view_checks_through_the_logic(recon):
+    """The module applies the CLI's input checks: the sample passes without warnings, swapped
+    volumes are refused before any network work, a contradicted side becomes a warning."""
+    from KneeReconLib.errors import KneeReconError
+
+    scene, logic, _, ap, lat = recon
+    rec = logic.lastReconstruction
+    assert rec.warnings == [] and rec.view_check["looks_swapped"] is False and rec.view_check["side_seen"] == "left"
+    with pytest.raises(KneeReconError, match="look swapped"):
+        logic.reconstruct(lat, ap, side="left", createModels=False)
+    with pytest.raises(KneeReconError, match="identical pixels"):
+        logic.reconstruct(ap, ap, side="left", createModels=False, viewsAsGiven=True)
+    seg = logic.reconstruct(ap, lat, side="right", createModels=False)
+    assert len(logic.lastReconstruction.warnings) == 1 and "looks like a left knee" in logic.lastReconstruction.warnings[0]
+    scene.RemoveNode(seg)

@@ -1,0 +1,216 @@
+"""Fit and measure the view check's classifiers (KneeReconLib/view_check.py).
+
+  python scripts/fit_view_check.py pictures --data cache/llp_train cache/proc_train --out cache/views_train.npz
+  python scripts/fit_view_check.py pictures --data cache/xs_parallel cache/xs_cone cache/test_proc --out cache/views_test.npz --seed 2
+  python scripts/fit_view_check.py fit --train cache/views_train.npz --out Resources/Models/kneerecon_views.npz
+  python scripts/fit_view_check.py measure --test cache/views_test.npz \\
+      --files Resources/Sample ../shared/contract-check/knee_a ../shared/contract-check/knee_b cache/xsf/*
+
+`pictures` turns cached cases (DRR line integrals) into canonical pictures: each view as a DRR and
+as `--realistic` simulated radiographs (realism.py, as training's realism augmentation makes
+them). Fitting data must come from LLP26 training subjects and procedural phantoms only; the
+script refuses cases of the held-out subjects (5, 10, 15, 20) and of subjects 21-26.
+`measure` prints per-image view accuracy, swap detection and false-alarm rates on pairs, and
+side-check rates, per set."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from KneeReconLib.view_check import (SIDE_MARGIN, SWAP_MARGIN, ViewModel, canonical_picture,  # noqa: E402
+                                     side_features, view_features)
+
+HELD_OUT = {5, 10, 15, 20}
+
+
+def pictures(folders: list[str], out: str, realistic: int, seed: int, allow_held_out: bool) -> None:
+    from KneeReconLib.dataset import _realistic, load_case
+    from KneeReconLib.xray_io import XRay
+
+    rng = np.random.default_rng(seed)
+    pics, views, sides, kinds, names = [], [], [], [], []
+    for folder in folders:
+        for path in sorted(glob.glob(os.path.join(folder, "*.npz"))):
+            case = load_case(path)
+            subject = case.meta.get("subject")
+            if subject is not None and not allow_held_out and (int(subject) in HELD_OUT or int(subject) > 20):
+                raise SystemExit(f"{path}: LLP26 subject {subject} is held out; not for fitting")
+            for view, img, geom in (("ap", case.ap, case.ap_geom), ("lateral", case.lateral, case.lat_geom)):
+                for k in range(1 + realistic):
+                    x = img if k == 0 else _realistic(img, geom, rng)
+                    pics.append(canonical_picture(XRay(np.asarray(x, np.float32), geom)))
+                    views.append(view)
+                    sides.append(case.meta["side"])
+                    kinds.append("drr" if k == 0 else "realistic")
+                    names.append(f"{os.path.basename(os.path.normpath(folder))}/{os.path.basename(path)}")
+            print(f"{path}: {len(pics)} pictures", flush=True)
+    np.savez_compressed(out, pics=np.array(pics), views=np.array(views), sides=np.array(sides), kinds=np.array(kinds),
+                        names=np.array(names))
+
+
+def _augment(pics: np.ndarray, rng: np.random.Generator, copies: int) -> np.ndarray:
+    """Shifted (up to 3 px = 15 mm), gamma- and contrast-jittered copies: real images are not
+    centred on the joint nor exposed like DRRs."""
+    out = [pics]
+    for _ in range(copies):
+        a = []
+        for p in pics:
+            dr, dc = rng.integers(-3, 4, 2)
+            q = np.roll(p, (dr, dc), (0, 1))
+            if dr > 0:
+                q[:dr] = 0
+            elif dr < 0:
+                q[dr:] = 0
+            if dc > 0:
+                q[:, :dc] = 0
+            elif dc < 0:
+                q[:, dc:] = 0
+            q = np.clip(q, 0, None) ** rng.uniform(0.7, 1.4) * rng.uniform(0.85, 1.15)
+            a.append(q.astype(np.float32))
+        out.append(np.array(a))
+    return np.concatenate(out)
+
+
+def _logistic(X: np.ndarray, y: np.ndarray, l2: float, bias: bool) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression (labels 0/1) by L-BFGS."""
+    from scipy.optimize import minimize
+
+    n, d = X.shape
+
+    def f(theta):
+        w, b = theta[:d], (theta[d] if bias else 0.0)
+        z = X @ w + b
+        loss = np.logaddexp(0, z).sum() - (y * z).sum() + 0.5 * l2 * (w @ w)
+        g = 1 / (1 + np.exp(-z)) - y
+        grad = np.concatenate([X.T @ g + l2 * w, [g.sum()] if bias else []])
+        return loss / n, grad / n
+
+    theta = minimize(f, np.zeros(d + int(bias)), jac=True, method="L-BFGS-B", options={"maxiter": 500}).x
+    return theta[:d], float(theta[d]) if bias else 0.0
+
+
+def fit(train: str, out: str, l2: float, copies: int, seed: int) -> ViewModel:
+    z = np.load(train)
+    pics = z["pics"]
+    rng = np.random.default_rng(seed)
+    # view: every picture, mirrored ones too (the features are mirror-invariant, so only for the record)
+    aug = _augment(pics, rng, copies)
+    is_ap = np.tile(z["views"] == "ap", copies + 1).astype(float)
+    F = np.array([view_features(p) for p in aug])
+    mean, scale = F.mean(0), F.std(0) + 0.02
+    w, b = _logistic((F - mean) / scale, is_ap, l2, bias=True)
+    # side: AP pictures and their mirror images (a mirrored left knee is a right knee)
+    ap = pics[z["views"] == "ap"]
+    left = (z["sides"][z["views"] == "ap"] == "left").astype(float)
+    ap_aug = _augment(np.concatenate([ap, ap[:, :, ::-1]]), rng, copies)
+    left_aug = np.tile(np.concatenate([left, 1 - left]), copies + 1)
+    S = np.array([side_features(p) for p in ap_aug])
+    s_scale = np.sqrt((S ** 2).mean(0)) + 0.02  # no centring: the features' sign carries the side
+    sw, _ = _logistic(S / s_scale, left_aug, l2, bias=False)
+    info = {"train": os.path.basename(train), "pictures": int(len(pics)), "augmented_copies": copies, "l2": l2,
+            "seed": seed, "sources": sorted(set(str(n).split("/")[0] for n in z["names"]))}
+    model = ViewModel(mean, scale, w, b, s_scale, sw, info)
+    model.save(out)
+    print(f"wrote {out}: {info}")
+    return model
+
+
+def _rates(model: ViewModel, pics_ap: list, pics_lat: list, sides: list) -> dict:
+    sa = np.array([model.view_score(p) for p in pics_ap])
+    sl = np.array([model.view_score(p) for p in pics_lat])
+    ss = np.array([model.side_score(p) for p in pics_ap])
+    seen = np.where(ss > SIDE_MARGIN, "left", np.where(ss < -SIDE_MARGIN, "right", ""))
+    truth = np.array(sides)
+    other = np.where(truth == "left", "right", "left")
+    n = len(sa)
+    return {"pairs": n,
+            "ap_images_called_ap": float(np.mean(sa > 0)), "lateral_images_called_lateral": float(np.mean(sl < 0)),
+            "swap_detected": float(np.mean(sa - sl > SWAP_MARGIN)),  # the pair given swapped
+            "swap_false_alarm": float(np.mean(sl - sa > SWAP_MARGIN)),  # the pair as it is
+            "min_pair_margin": float((sa - sl).min()),
+            "side_right_when_seen": float(np.mean(seen[seen != ""] == truth[seen != ""])) if (seen != "").any() else None,
+            "side_seen": float(np.mean(seen != "")),
+            "side_false_warning": float(np.mean((seen != "") & (seen != truth))),  # declared the true side
+            "side_wrong_declared_warned": float(np.mean((seen != "") & (seen != other))),  # declared the other side
+            "min_margin_ap": float(sa.min()), "max_margin_lat": float(sl.max())}
+
+
+def measure(model_path: str, tests: list[str], files: list[str]) -> dict:
+    from KneeReconLib.xray_io import read_xray
+
+    model = ViewModel.load(model_path)
+    results = {}
+    for t in tests:
+        z = np.load(t)
+        names, views, kinds = z["names"], z["views"], z["kinds"]
+        for src in sorted(set(str(n).split("/")[0] for n in names)):
+            for kind in ("drr", "realistic"):
+                sel = np.array([str(n).startswith(src + "/") for n in names]) & (kinds == kind)
+                ap = sel & (views == "ap")
+                lat = sel & (views == "lateral")
+                if not ap.any():
+                    continue
+                # pictures come in case order, views and realistic draws in the same order per case
+                results[f"{src} {kind}"] = _rates(model, list(z["pics"][ap]), list(z["pics"][lat]), list(z["sides"][ap]))
+    if files:
+        pa, pl, sides = [], [], []
+        for d in files:
+            meta = json.load(open(os.path.join(d, "meta.json")))
+            ap = read_xray(os.path.join(d, "ap.nrrd"), "ap")
+            lat = read_xray(os.path.join(d, "lateral.nrrd"), "lateral")
+            pa.append(canonical_picture(ap))
+            pl.append(canonical_picture(lat))
+            sides.append(meta["side"])
+            r = _rates(model, pa[-1:], pl[-1:], sides[-1:])
+            print(f"{d}: AP image {model.view_score(pa[-1]):+.1f}, lateral image {model.view_score(pl[-1]):+.1f}, "
+                  f"side {model.side_score(pa[-1]):+.1f} ({meta['side']}) -> swap alarm {r['swap_false_alarm']:.0f}, "
+                  f"side warning {r['side_false_warning']:.0f}")
+        results["files"] = _rates(model, pa, pl, sides)
+    for k, v in results.items():
+        print(f"{k:28s} " + ", ".join(f"{a} {b:.3f}" if isinstance(b, float) else f"{a} {b}" for a, b in v.items()))
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("pictures")
+    a.add_argument("--data", nargs="+", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--realistic", type=int, default=2)
+    a.add_argument("--seed", type=int, default=1)
+    a.add_argument("--held-out", action="store_true", help="allow held-out subjects (for test pictures)")
+    f = sub.add_parser("fit")
+    f.add_argument("--train", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--l2", type=float, default=100.0)
+    f.add_argument("--copies", type=int, default=3)
+    f.add_argument("--seed", type=int, default=0)
+    m = sub.add_parser("measure")
+    m.add_argument("--model", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Resources",
+                                                   "Models", "kneerecon_views.npz"))
+    m.add_argument("--test", nargs="*", default=[])
+    m.add_argument("--files", nargs="*", default=[])
+    m.add_argument("--json", help="write the rates here")
+    a_ = p.parse_args()
+    if a_.cmd == "pictures":
+        pictures(a_.data, a_.out, a_.realistic, a_.seed, a_.held_out)
+    elif a_.cmd == "fit":
+        fit(a_.train, a_.out, a_.l2, a_.copies, a_.seed)
+    else:
+        res = measure(a_.model, a_.test, a_.files)
+        if a_.json:
+            with open(a_.json, "w") as fh:
+                json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
