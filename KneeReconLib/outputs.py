@@ -132,10 +132,9 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "height_offset": getattr(rec, "height_offset", None),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "warnings": list(getattr(rec, "warnings", []) or []),
-        "quality": getattr(rec, "quality", None) or {},
         "view_check": getattr(rec, "view_check", None) or {},
         "notes": rec.notes,
-        "quality": rec.quality,
+        "quality": getattr(rec, "quality", None) or {},
         "disclaimer": "Research tool, not a medical device; not validated on clinical radiographs.",
     }
 
