@@ -1,6 +1,9 @@
 """KneeRecon: 3D knee bones (femur, patella, tibia, fibula) from an AP and a lateral X-ray.
 
-Research tool, not a medical device. Heavy modules (torch, VTK) are imported on use."""
+Research tool, not a medical device. Heavy modules (torch, VTK) are imported on use. The stage
+packages below and the order in which they may import each other: docs/architecture.md."""
+
+from .errors import KneeReconError
 
 __version__ = "0.4.0"
 
@@ -12,4 +15,13 @@ def reconstruct(*args, **kwargs):
     return _r(*args, **kwargs)
 
 
-__all__ = ["reconstruct", "__version__"]
+def __getattr__(name: str):
+    # Reconstruction on first use: importing it pulls in numpy, SimpleITK and VTK
+    if name == "Reconstruction":
+        from .inference import Reconstruction
+
+        return Reconstruction
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["reconstruct", "Reconstruction", "KneeReconError", "__version__"]
