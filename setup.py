@@ -1,6 +1,6 @@
 """Build hook (everything else is in pyproject.toml): the repository keeps its bundled files once, in
 the top-level Resources/ (DESIGN.md); a wheel carries them as KneeReconLib/Resources/, copied there
-while the wheel is built. KneeReconLib/resources.py finds them in either place.
+while the wheel is built. KneeReconLib/io/resources.py finds them in either place.
 
 Why not a package-dir mapping of KneeReconLib.Resources onto Resources/ in pyproject.toml: with it
 the layout is not "simple" to setuptools, so `pip install -e .` falls back to a meta path finder and

@@ -19,7 +19,7 @@ from slicer.util import VTKObservationMixin
 from KneeReconMRMLLogic import KneeReconMRMLLogic
 
 TORCH_REQUIREMENT = ">=2.1"
-OPENVINO_REQUIREMENT = "openvino>=2025.1"  # the network's CPU runtime (KneeReconLib/openvino_backend.py), ~60 MB
+OPENVINO_REQUIREMENT = "openvino>=2025.1"  # the network's CPU runtime (KneeReconLib/models/openvino_backend.py), ~60 MB
 
 
 class KneeRecon(ScriptedLoadableModule):
@@ -181,7 +181,7 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("KneeRecon could not reconstruct this pair."), waitCursor=True):
                 self.logic.ensureDependencies(backend=p.backend, device=p.device, ensemble=p.ensemble,
                                               modelPath=p.modelPath or None)
-                from KneeReconLib.inference import Cancelled
+                from KneeReconLib.reconstruction.inference import Cancelled
                 try:
                     seg = self.logic.reconstruct(
                         p.apVolume, p.lateralVolume, side=p.side, pixelSpacing=p.pixelSpacing or None,
@@ -250,7 +250,7 @@ class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
         if self.needsTorch(backend, device, ensemble, modelPath):
             self._ensureTorch()
             return
-        from KneeReconLib import openvino_backend
+        from KneeReconLib.models import openvino_backend
 
         if not openvino_backend.available():  # (imports it, without OpenVINO's usage telemetry)
             if not slicer.util.confirmOkCancelDisplay(
@@ -268,12 +268,12 @@ class KneeReconLogic(ScriptedLoadableModuleLogic, KneeReconMRMLLogic):
         in the cache (converting needs PyTorch). device "auto" uses a GPU only where PyTorch is there."""
         if backend == "torch" or device.startswith("cuda") or ensemble:
             return True
-        from KneeReconLib import resources
+        from KneeReconLib.io import resources
 
         path = modelPath or resources.model_path()
         if not os.path.exists(path):
             return False  # the reconstruction says what is missing
-        from KneeReconLib import openvino_backend
+        from KneeReconLib.models import openvino_backend
 
         try:
             ov = openvino_backend.import_openvino()

@@ -50,7 +50,7 @@ class KneeReconMRMLLogic:
                          ensemble: bool = False):
         """The KneeReconLib Reconstructor for these settings, loaded on first use and then kept. A
         model file changed on disk since it was loaded (size or time) is loaded again."""
-        from KneeReconLib.inference import DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, pick_device
+        from KneeReconLib.reconstruction.inference import DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, pick_device
 
         path = os.path.abspath(modelPath or DEFAULT_MODEL)
         stamp = (os.path.getmtime(path), os.path.getsize(path)) if os.path.exists(path) else None
@@ -70,9 +70,9 @@ class KneeReconMRMLLogic:
     def xrayFromVolumeNode(self, node, view: str, pixelSpacing: float | None = None, side: str = "right",
                            sid: float | None = None, sod: float | None = None):
         """A KneeReconLib XRay from a 2D scalar volume node (pixels as stored: column i, row j)."""
-        from KneeReconLib.errors import KneeReconError
-        from KneeReconLib.geometry import ViewGeometry
-        from KneeReconLib.xray_io import XRay
+        from KneeReconLib.core.errors import KneeReconError
+        from KneeReconLib.core.geometry import ViewGeometry
+        from KneeReconLib.io.xray_io import XRay
 
         if node is None or node.GetImageData() is None:
             raise KneeReconError(f"no {view} X-ray volume selected")
@@ -128,8 +128,8 @@ class KneeReconMRMLLogic:
         `self.lastReconstruction`. The pair is checked first as `kneerecon reconstruct` checks it
         (KneeReconError for the same picture twice or swapped views unless `viewsAsGiven`; a side
         the images contradict ends up in `rec.warnings`)."""
-        from KneeReconLib.inference import attach_view_check
-        from KneeReconLib.view_check import check_views
+        from KneeReconLib.io.view_check import check_views
+        from KneeReconLib.reconstruction.inference import attach_view_check
 
         ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
@@ -149,8 +149,8 @@ class KneeReconMRMLLogic:
     # ------------------------------------------------------------------ outputs
     @staticmethod
     def qualitySummary(rec) -> str:
-        """The quality report's verdict and reasons in one line (KneeReconLib.quality)."""
-        from KneeReconLib.quality import summary_line
+        """The quality report's verdict and reasons in one line (KneeReconLib.reconstruction.quality)."""
+        from KneeReconLib.reconstruction.quality import summary_line
 
         return summary_line(rec.quality)
 
@@ -161,8 +161,8 @@ class KneeReconMRMLLogic:
         segmentationNode.SetAttribute("KneeRecon.QualitySummary", self.qualitySummary(rec))
 
     def segmentationFromReconstruction(self, rec, segmentationNode=None, name: str = "KneeRecon"):
-        from KneeReconLib.labels import BONES
-        from KneeReconLib.segfile import terminology_entry
+        from KneeReconLib.core.labels import BONES
+        from KneeReconLib.io.segfile import terminology_entry
 
         scene = self.scene
         labels = rec.labels_array()
@@ -202,7 +202,7 @@ class KneeReconMRMLLogic:
 
     def modelsFromReconstruction(self, rec, folderName: str = "KneeRecon models") -> list:
         """One model node per bone (the library's smoothed surfaces, LPS -> RAS) in a subject-hierarchy folder."""
-        from KneeReconLib.labels import BY_NAME
+        from KneeReconLib.core.labels import BY_NAME
 
         scene = self.scene
         shn = scene.GetSubjectHierarchyNode()
@@ -230,8 +230,8 @@ class KneeReconMRMLLogic:
     def outlineVolumes(self, rec, apNode, lateralNode) -> list:
         """Label-map volumes of the bones' projected outlines on each X-ray, in the X-ray node's
         own geometry: show them as the label layer over the X-ray in a slice view."""
-        from KneeReconLib.labels import BONES
-        from KneeReconLib.overlay import inner_boundary, project_mask
+        from KneeReconLib.core.labels import BONES
+        from KneeReconLib.reconstruction.overlay import inner_boundary, project_mask
 
         labels = rec.labels_array()
         out = []

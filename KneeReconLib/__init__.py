@@ -3,14 +3,14 @@
 Research tool, not a medical device. Heavy modules (torch, VTK) are imported on use. The stage
 packages below and the order in which they may import each other: docs/architecture.md."""
 
-from .errors import KneeReconError
+from .core.errors import KneeReconError
 
 __version__ = "0.4.0"
 
 
 def reconstruct(*args, **kwargs):
-    """See `KneeReconLib.inference.reconstruct`."""
-    from .inference import reconstruct as _r
+    """See `KneeReconLib.reconstruction.inference.reconstruct`."""
+    from .reconstruction.inference import reconstruct as _r
 
     return _r(*args, **kwargs)
 
@@ -18,7 +18,7 @@ def reconstruct(*args, **kwargs):
 def __getattr__(name: str):
     # Reconstruction on first use: importing it pulls in numpy, SimpleITK and VTK
     if name == "Reconstruction":
-        from .inference import Reconstruction
+        from .reconstruction.inference import Reconstruction
 
         return Reconstruction
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,8 @@ import os
 import sys
 import time
 
-from .errors import KneeReconError
-from .validation import OneLineArgumentParser, validate_args
+from .core.errors import KneeReconError
+from .io.validation import OneLineArgumentParser, validate_args
 
 DISCLAIMER = "Research tool, not a medical device."
 # optional packages (import name -> what to install): reconstruction needs none of them, other commands
@@ -34,8 +34,8 @@ def _progress_printer(prefix: str = ""):
 
 
 def cmd_reconstruct(a) -> int:
-    from .inference import reconstruct
-    from .outputs import check_output_folder, output_lock, write_outputs
+    from .reconstruction.inference import reconstruct
+    from .reconstruction.outputs import check_output_folder, output_lock, write_outputs
 
     # the lock first: of two processes writing one folder, the second exits 2 instead of racing
     with output_lock(a.output):
@@ -54,7 +54,7 @@ def cmd_reconstruct(a) -> int:
     print(f"time: {total:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in report['timings_s'].items())})")
     for n in report["notes"]:
         print(f"note: {n}")
-    from .quality import summary_line
+    from .reconstruction.quality import summary_line
     print(summary_line(report["quality"]))
     for w in report["warnings"]:  # last, and on both streams: what a user must not miss
         print(f"WARNING: {w}")
@@ -69,7 +69,7 @@ def _ensemble_arg(paths: list[str] | None) -> list[str] | None:
     """--ensemble alone: the bundled member; with paths: those models."""
     if paths is None:
         return None
-    from .inference import DEFAULT_ENSEMBLE
+    from .reconstruction.inference import DEFAULT_ENSEMBLE
     return paths or DEFAULT_ENSEMBLE
 
 
@@ -83,7 +83,7 @@ def _height_offset_arg(text: str):
 
 
 def cmd_reconstruct_batch(a) -> int:
-    from .batch import BatchConfig, parse_shard, run_batch
+    from .reconstruction.batch import BatchConfig, parse_shard, run_batch
 
     cfg = BatchConfig(model=a.model, device=a.device, workers=a.workers, shard=parse_shard(a.shard),
                       views_as_given=a.views_as_given)
@@ -96,7 +96,7 @@ def cmd_reconstruct_batch(a) -> int:
 
 
 def cmd_merge_batch(a) -> int:
-    from .batch import merge_shards
+    from .reconstruction.batch import merge_shards
 
     path, info = merge_shards(a.output, a.manifest)
     counts = ", ".join(f"{k} {v}" for k, v in info["status"].items())
@@ -105,7 +105,7 @@ def cmd_merge_batch(a) -> int:
 
 
 def cmd_phantom(a) -> int:
-    from .phantom import PhantomConfig, generate_phantom, write_phantom
+    from .data.phantom import PhantomConfig, generate_phantom, write_phantom
 
     if not 0.25 <= a.voxel <= 2.0:
         raise KneeReconError(f"--voxel must be between 0.25 and 2 mm, got {a.voxel}")
@@ -114,7 +114,7 @@ def cmd_phantom(a) -> int:
     if llp is not None:
         from dataclasses import replace
 
-        from .llp26 import generate_llp26_phantom
+        from .data.llp26 import generate_llp26_phantom
         llp = replace(llp, voxel_mm=a.voxel)
     for i in range(a.count):
         seed = a.seed + i
@@ -127,12 +127,12 @@ def cmd_phantom(a) -> int:
 
 
 def cmd_drr(a) -> int:
-    from .dataset import _read, _read_labelmap, labels_on_grid, parse_label_map
-    from .drr import DRRConfig, render_drr
-    from .fileio import atomic_write_image
-    from .frame import to_knee_frame
-    from .geometry import ReconGrid
-    from .xray_io import write_xray
+    from .core.geometry import ReconGrid
+    from .data.dataset import _read, _read_labelmap, labels_on_grid, parse_label_map
+    from .data.drr import DRRConfig, render_drr
+    from .geometry.frame import to_knee_frame
+    from .io.fileio import atomic_write_image
+    from .io.xray_io import write_xray
 
     ct = _read(a.ct, "CT")
     lab = _read_labelmap(a.labels, parse_label_map(a.label_map)) if a.labels else None
@@ -152,7 +152,7 @@ def cmd_drr(a) -> int:
 
 
 def cmd_cache(a) -> int:
-    from .dataset import build_phantom_cache, find_ct_pairs, parse_label_map, save_case, user_case
+    from .data.dataset import build_phantom_cache, find_ct_pairs, parse_label_map, save_case, user_case
 
     if a.user_data:
         lm = parse_label_map(a.label_map)
@@ -163,8 +163,8 @@ def cmd_cache(a) -> int:
                 save_case(user_case(ct, lab, a.grid_size, label_map=lm), p)
                 print(f"cached {p}")
     else:
-        from .dataset import GeometryConfig
-        from .phantom import PhantomConfig
+        from .data.dataset import GeometryConfig
+        from .data.phantom import PhantomConfig
 
         if not 0.0 <= a.collimate_p <= 1.0:
             raise KneeReconError(f"--collimate-p must be between 0 and 1, got {a.collimate_p}")
@@ -179,7 +179,7 @@ def _llp26_config(a):
     """LLP26Config from --subjects (e.g. '1-4,6-9' or 'train' / 'test'); None for the procedural source."""
     if getattr(a, "source", "procedural") != "llp26":
         return None
-    from .llp26 import TEST_SUBJECTS, TRAIN_SUBJECTS, LLP26Config, check_subjects
+    from .data.llp26 import TEST_SUBJECTS, TRAIN_SUBJECTS, LLP26Config, check_subjects
 
     text = (a.subjects or "train").strip()
     if text in ("train", "test"):
@@ -199,9 +199,9 @@ def _llp26_config(a):
 
 
 def cmd_train(a) -> int:
-    from .chen_net import ChenNetConfig
-    from .network import UNetConfig
-    from .train import TrainConfig, train
+    from .models.chen_net import ChenNetConfig
+    from .models.network import UNetConfig
+    from .training.train import TrainConfig, train
 
     widths_text = a.widths or ("16,32,64,128" if a.arch == "chen" else "8,16,32,64,128")
     try:
@@ -227,7 +227,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_train_style(a) -> int:
-    from .style import StyleConfig, train_style
+    from .models.style import StyleConfig, train_style
 
     cfg = StyleConfig(real=a.real, drr=a.drr, out=a.output, steps=a.steps, crop=a.crop, pixel_mm=a.pixel_mm,
                       base=a.base, res_blocks=a.res_blocks, device=a.device, seed=a.seed, threads=a.threads,
@@ -240,9 +240,9 @@ def cmd_train_style(a) -> int:
 def cmd_build_ssm(a) -> int:
     import glob
 
-    from .dataset import load_case
-    from .inference import detect_side
-    from .shape_model import build_shape_model
+    from .baselines.shape_model import build_shape_model
+    from .data.dataset import load_case
+    from .reconstruction.inference import detect_side
 
     paths = sorted(p for d in a.data for p in glob.glob(os.path.join(d, "*.npz")))[: a.cases]
     if not paths:
@@ -262,8 +262,8 @@ def cmd_build_ssm(a) -> int:
 
 
 def cmd_evaluate_2d(a) -> int:
-    from .evaluate2d import evaluate_2d, format_table_2d
-    from .fileio import atomic_path
+    from .evaluation.evaluate2d import evaluate_2d, format_table_2d
+    from .io.fileio import atomic_path
 
     res = evaluate_2d(a.masks, a.model, a.device, _height_offset_arg(a.height_offset), style=a.style)
     print(format_table_2d(res))
@@ -275,8 +275,8 @@ def cmd_evaluate_2d(a) -> int:
 
 
 def cmd_export_openvino(a) -> int:
-    from .inference import DEFAULT_MODEL
-    from .openvino_backend import export_ir
+    from .models.openvino_backend import export_ir
+    from .reconstruction.inference import DEFAULT_MODEL
 
     path = export_ir(a.model or DEFAULT_MODEL, a.output, a.grid_size)
     print(f"wrote {path} and {path[:-4]}.bin (OpenVINO IR; used by reconstruct when it sits beside the model file)")
@@ -284,11 +284,11 @@ def cmd_export_openvino(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluate import evaluate_files, evaluate_model, print_table
+    from .evaluation.evaluate import evaluate_files, evaluate_model, print_table
 
     if a.methods:
-        from .comparison import compare_methods, format_comparison, parse_methods
-        from .registration import FitConfig
+        from .baselines.comparison import compare_methods, format_comparison, parse_methods
+        from .baselines.registration import FitConfig
 
         if not a.data:
             raise KneeReconError("--methods compares on cached test cases: give --data FOLDER")
@@ -302,7 +302,7 @@ def cmd_evaluate(a) -> int:
         rows = evaluate_files(a.model, a.case_dirs, device=a.device, style=a.style, ensemble=_ensemble_arg(a.ensemble),
                               backend=a.backend, refine=a.refine)
         if a.output:
-            from .fileio import atomic_write_json
+            from .io.fileio import atomic_write_json
             atomic_write_json(rows, os.path.join(a.output, "evaluation_files.json"))
         if not a.data and not a.phantoms:
             return 0
@@ -317,8 +317,9 @@ def cmd_evaluate(a) -> int:
 
 def version_text() -> str:
     """'kneerecon 0.4.0 (bundled model: KneeRecon U-Net (phantom-trained) 0.3.0)', read without PyTorch."""
-    from . import __version__, resources
-    from .model_card import describe, read_card
+    from . import __version__
+    from .io import resources
+    from .models.model_card import describe, read_card
 
     path = resources.model_path()
     try:
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
                    help="network runtime on the CPU: OpenVINO where installed (auto, default; about 1.6x faster), or PyTorch")
     e.add_argument("--methods", metavar="M1,M2", help="compare methods on --data in one table: kasten, chen, ssm, "
-                   "ssm-perturbed, kasten+ssm (see KneeReconLib/comparison.py)")
+                   "ssm-perturbed, kasten+ssm (see KneeReconLib/baselines/comparison.py)")
     e.add_argument("--chen-model", metavar="MODEL", help="ChenNet model for --methods chen (kneerecon train --arch chen)")
     e.add_argument("--ssm", metavar="FILE", help="shape model for the ssm methods (kneerecon build-ssm)")
     e.add_argument("--fit-iterations", type=int, default=150, help="registration iterations of the ssm methods")

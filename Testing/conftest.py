@@ -19,14 +19,14 @@ def _private_model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_right():
-    from KneeReconLib.phantom import PhantomConfig, generate_phantom
+    from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
 
     return generate_phantom(11, PhantomConfig(side="right"))
 
 
 @pytest.fixture(scope="session")
 def phantom_left():
-    from KneeReconLib.phantom import PhantomConfig, generate_phantom
+    from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
 
     return generate_phantom(12, PhantomConfig(side="left"))
 
@@ -34,7 +34,7 @@ def phantom_left():
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """Four cached phantom cases on a 32^3 grid: enough for training-loop tests."""
-    from KneeReconLib.dataset import build_phantom_cache
+    from KneeReconLib.data.dataset import build_phantom_cache
 
     d = tmp_path_factory.mktemp("cache")
     build_phantom_cache(str(d), range(100, 104), grid_size=32, log=lambda m: None)
@@ -43,7 +43,7 @@ def tiny_cache(tmp_path_factory):
 
 def tiny_train_config(cache, out, architecture: dict, **kw):
     """A few-step, one-thread training configuration on `tiny_cache`."""
-    from KneeReconLib.train import TrainConfig
+    from KneeReconLib.training.train import TrainConfig
 
     base = dict(data=[cache], out=str(out), steps=8, batch_size=2, lr=1e-2, warmup_steps=2, crop=None, grid_size=32,
                 architecture=architecture, workers=0, ckpt_every=4, log_every=1, val_every=1000, amp=True, threads=1)

@@ -6,10 +6,10 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import shift as ndshift
 
-from KneeReconLib.alignment import estimate_height_offset
-from KneeReconLib.dataset import AugmentConfig, _augment_image
-from KneeReconLib.metrics import dice_per_class
-from KneeReconLib.xray_io import XRay, read_xray
+from KneeReconLib.data.dataset import AugmentConfig, _augment_image
+from KneeReconLib.evaluation.metrics import dice_per_class
+from KneeReconLib.geometry.alignment import estimate_height_offset
+from KneeReconLib.io.xray_io import XRay, read_xray
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "Resources", "Sample")
 
@@ -43,7 +43,7 @@ def test_unrelated_images_are_not_reliable():
 
 
 def test_reconstruction_corrects_the_offset():
-    from KneeReconLib.inference import reconstruct
+    from KneeReconLib.reconstruction.inference import reconstruct
 
     ap, lat = _pair()
     lat7 = _raise_lateral(lat, 7.0)
@@ -62,9 +62,9 @@ def test_long_leg_images_are_cropped_to_the_knee():
     """The sample pair extended to 420 mm (shafts continued above and below, knee off-centre):
     the knee is found, a knee-sized window reconstructed, and the result lands on the truth in
     the extended images' frame."""
-    from KneeReconLib.alignment import knee_height
-    from KneeReconLib.geometry import ViewGeometry
-    from KneeReconLib.inference import reconstruct
+    from KneeReconLib.core.geometry import ViewGeometry
+    from KneeReconLib.geometry.alignment import knee_height
+    from KneeReconLib.reconstruction.inference import reconstruct
 
     ap, lat = _pair()
     s = ap.geometry.iso_spacing[1]

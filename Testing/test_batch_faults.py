@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, SAMPLE
-from KneeReconLib.batch import merge_shards, read_manifest, shard_of
 from KneeReconLib.cli import main
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.outputs import OUTPUT_FILES
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.reconstruction.batch import merge_shards, read_manifest, shard_of
+from KneeReconLib.reconstruction.outputs import OUTPUT_FILES
 
 
 def _env():
@@ -153,7 +153,7 @@ def test_three_shards_cover_the_manifest_once(tmp_path, capsys):
 
 
 def test_second_batch_on_same_shard_exits(tmp_path):
-    from KneeReconLib.outputs import output_lock
+    from KneeReconLib.reconstruction.outputs import output_lock
 
     m = tmp_path / "m.csv"
     m.write_text("id,ap,lateral\na,x.nrrd,y.nrrd\n")

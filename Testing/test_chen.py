@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from KneeReconLib.chen_net import ChenNet, ChenNetConfig
-from KneeReconLib.checkpoint import load_model, save_model
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.network import UNet3D, build_network, fold_batchnorm, to_channels_last
-from KneeReconLib.train import train
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.models.checkpoint import load_model, save_model
+from KneeReconLib.models.chen_net import ChenNet, ChenNetConfig
+from KneeReconLib.models.factory import build_network
+from KneeReconLib.models.network import UNet3D, fold_batchnorm, to_channels_last
+from KneeReconLib.training.train import train
 
 TINY = {"kind": "chen", "in_channels": 2, "num_classes": 5, "widths": [4, 8, 16], "activation": "relu"}
 SMALL = {**TINY, "widths": [8, 16, 32]}  # decoder widths 4, 8, 16: wide enough that no layer is all dead ReLUs
@@ -114,7 +115,7 @@ def test_build_network_dispatches_on_kind(bundled_model, tmp_path):
 
 
 def test_training_lowers_the_loss_and_the_model_reconstructs(tiny_cache, tmp_path):
-    from KneeReconLib.inference import Reconstructor
+    from KneeReconLib.reconstruction.inference import Reconstructor
 
     final = train(_cfg(tiny_cache, tmp_path, steps=40, ckpt_every=40), log=lambda m: None)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
@@ -130,8 +131,8 @@ def test_training_lowers_the_loss_and_the_model_reconstructs(tiny_cache, tmp_pat
 
 
 def test_cli_train_arch_chen(tiny_cache, tmp_path):
-    from KneeReconLib.checkpoint import read_model_file
     from KneeReconLib.cli import main
+    from KneeReconLib.models.checkpoint import read_model_file
 
     out = tmp_path / "cli"
     code = main(["train", "--arch", "chen", "--widths", "4,8,16", "--data", tiny_cache, "--output", str(out),

@@ -7,9 +7,9 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from conftest import SAMPLE
-from KneeReconLib.metrics import dice_per_class
-from KneeReconLib.preprocessing import collimated_border, fill_collimation
-from KneeReconLib.xray_io import XRay, read_xray
+from KneeReconLib.evaluation.metrics import dice_per_class
+from KneeReconLib.io.preprocessing import collimated_border, fill_collimation
+from KneeReconLib.io.xray_io import XRay, read_xray
 
 
 def _collimate(px: np.ndarray, t: int, b: int, l: int, r: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def test_border_widths_found():
 
 
 def test_collimated_pair_reconstructs_like_the_original():
-    from KneeReconLib.inference import reconstruct
+    from KneeReconLib.reconstruction.inference import reconstruct
 
     ap = read_xray(os.path.join(SAMPLE, "ap.nrrd"), "ap")
     lat = read_xray(os.path.join(SAMPLE, "lateral.nrrd"), "lateral")

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from KneeReconLib.dataset import (AugmentConfig, case_from_ct, load_case, make_sample, parse_label_map, phantom_case,
-                                  save_case, user_case)
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.frame import to_knee_frame
-from KneeReconLib.phantom import write_phantom
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.data.dataset import (AugmentConfig, case_from_ct, load_case, make_sample, parse_label_map,
+                                       phantom_case, save_case, user_case)
+from KneeReconLib.data.phantom import write_phantom
+from KneeReconLib.geometry.frame import to_knee_frame
 
 
 def test_user_ct_dataset_reproduces_in_memory_pair(tmp_path, phantom_right):
@@ -64,7 +64,7 @@ def test_mirroring_keeps_labels_consistent():
 def test_realism_augmentation_makes_radiograph_like_inputs():
     """With realism_p = 1 both views go through the simulator (noise, scatter, collimation filled):
     the input differs from the clean one but keeps the bones where they were."""
-    from KneeReconLib.dataset import AugmentConfig, make_sample, phantom_case
+    from KneeReconLib.data.dataset import AugmentConfig, make_sample, phantom_case
 
     case = phantom_case(1000123, grid_size=32)
     clean, lab = make_sample(case)

@@ -3,12 +3,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from KneeReconLib.drr import DRRConfig, hu_to_mu, project_cone, project_cone_planes, project_parallel, render_drr
+from KneeReconLib.data.drr import DRRConfig, hu_to_mu, project_cone, project_cone_planes, project_parallel, render_drr
 
 # both cone-beam projectors: ray marching (the reference) and Joseph's plane method (the default)
 CONE = [pytest.param(lambda v, g, view: project_cone(v, g, view, 256), id="raymarch"),
         pytest.param(lambda v, g, view: project_cone_planes(v, g, view), id="planes")]
-from KneeReconLib.geometry import ReconGrid, ViewGeometry
+from KneeReconLib.core.geometry import ReconGrid, ViewGeometry
 
 
 def _ball(grid, r, mu=0.02, center=(0.0, 0.0, 0.0)):

@@ -8,10 +8,10 @@ import SimpleITK as sitk
 
 from conftest import MODEL, SAMPLE
 from KneeReconLib.cli import main
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.inference import DEFAULT_ENSEMBLE, Reconstructor
-from KneeReconLib.labels import BY_NAME
-from KneeReconLib.metrics import dice_per_class
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.core.labels import BY_NAME
+from KneeReconLib.evaluation.metrics import dice_per_class
+from KneeReconLib.reconstruction.inference import DEFAULT_ENSEMBLE, Reconstructor
 
 
 def _dice_on_truth(folder):

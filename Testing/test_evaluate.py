@@ -3,7 +3,7 @@ import csv
 import json
 
 from KneeReconLib.cli import main
-from KneeReconLib.dataset import build_phantom_cache
+from KneeReconLib.data.dataset import build_phantom_cache
 
 
 def test_evaluate_cached_cases_writes_the_table(tmp_path, capsys, bundled_model):

@@ -10,11 +10,11 @@ from scipy.ndimage import shift as ndshift
 
 from conftest import SAMPLE
 from KneeReconLib.cli import main
-from KneeReconLib.evaluate2d import evaluate_2d, metrics_2d
-from KneeReconLib.geometry import ReconGrid
-from KneeReconLib.labels import BONES
-from KneeReconLib.overlay import project_mask
-from KneeReconLib.xray_io import read_xray
+from KneeReconLib.core.geometry import ReconGrid
+from KneeReconLib.core.labels import BONES
+from KneeReconLib.evaluation.evaluate2d import evaluate_2d, metrics_2d
+from KneeReconLib.io.xray_io import read_xray
+from KneeReconLib.reconstruction.overlay import project_mask
 
 
 def test_metrics_2d_on_discs():
@@ -86,7 +86,7 @@ def test_silhouette_area_of_a_cube(det, pix):
     grid = ReconGrid.centered((64, 64, 64), (64, 64, 64))
     m = np.zeros(grid.shape, bool)
     m[16:48, 16:48, 16:48] = True
-    from KneeReconLib.geometry import ViewGeometry
+    from KneeReconLib.core.geometry import ViewGeometry
     for view in ("ap", "lateral"):
         s = project_mask(m, grid, ViewGeometry(view, det, det, (pix, pix)))
         assert s.sum() * pix * pix == pytest.approx(1024, rel=0.06)
@@ -99,7 +99,7 @@ def ndimage_holes(mask):
 
 
 def test_silhouette_follows_the_height_offset():
-    from KneeReconLib.geometry import ViewGeometry
+    from KneeReconLib.core.geometry import ViewGeometry
     grid = ReconGrid.centered((64, 64, 64), (64, 64, 64))
     m = np.zeros(grid.shape, bool)
     m[20:40, 16:48, 16:48] = True

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from KneeReconLib.drr import DRRConfig, render_drr
-from KneeReconLib.geometry import NETWORK_EXTENT_MM, ReconGrid, ViewGeometry
-from KneeReconLib.inference import Reconstructor, resample_labels
-from KneeReconLib.metrics import dice_per_class
-from KneeReconLib.xray_io import XRay, read_xray, write_xray
+from KneeReconLib.core.geometry import NETWORK_EXTENT_MM, ReconGrid, ViewGeometry
+from KneeReconLib.data.drr import DRRConfig, render_drr
+from KneeReconLib.evaluation.metrics import dice_per_class
+from KneeReconLib.io.xray_io import XRay, read_xray, write_xray
+from KneeReconLib.reconstruction.inference import Reconstructor, resample_labels
 
 
 def test_network_grid_keeps_the_trained_scale():
@@ -40,7 +40,7 @@ def test_resample_labels_by_physical_coordinates():
 
 def _knee(seed: int, subject: int, side: str):
     pytest.importorskip("musculoskeletal.models")
-    from KneeReconLib.llp26 import LLP26Config, generate_llp26_phantom
+    from KneeReconLib.data.llp26 import LLP26Config, generate_llp26_phantom
 
     cfg = LLP26Config(subjects=(subject,), pca_p=0.0, warp_mm=(0.0, 0.0), scale=(1.0, 1.0), side=side,
                       fov_xy_mm=(150.0, 150.0), fov_z_mm=(220.0, 220.0), flexion_deg=(5.0, 20.0))
@@ -101,7 +101,7 @@ def test_bundled_model_on_a_held_out_person_through_files(tmp_path, beam):
     sid, sod = (cfg.sid, cfg.sod)
     ap = read_xray(str(tmp_path / "ap.nrrd"), "ap", None, sid, sod, "right")
     lat = read_xray(str(tmp_path / "lateral.nrrd"), "lateral", None, sid, sod, "right")
-    from KneeReconLib.inference import reconstruct
+    from KneeReconLib.reconstruction.inference import reconstruct
 
     rec = reconstruct(ap, lat, side="right", surfaces=False)
     d = _truth_dice(rec, ph.labels)
@@ -112,7 +112,7 @@ def test_bundled_model_on_a_held_out_person_through_files(tmp_path, beam):
 def test_training_geometry_sampling():
     """Cone/parallel per case, each view its own SID and magnification in range, one common height
     at the isocentre (DESIGN.md's grid needs it), fields of view from 90 mm up; deterministic."""
-    from KneeReconLib.dataset import GeometryConfig
+    from KneeReconLib.data.dataset import GeometryConfig
 
     ct = sitk.Image([150, 150, 220], sitk.sitkInt16)
     geo = GeometryConfig()

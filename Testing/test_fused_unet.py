@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from KneeReconLib.chen_net import ChenNet, ChenNetConfig
-from KneeReconLib.fused_unet import FusedUNet3D, UpsampleConv3d, fuse_for_inference
-from KneeReconLib.network import UNet3D, UNetConfig, fold_batchnorm
+from KneeReconLib.models.chen_net import ChenNet, ChenNetConfig
+from KneeReconLib.models.fused_unet import FusedUNet3D, UpsampleConv3d, fuse_for_inference
+from KneeReconLib.models.network import UNet3D, UNetConfig, fold_batchnorm
 
 
 def test_upsample_conv_equals_conv_of_upsampling():

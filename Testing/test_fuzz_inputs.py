@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import SAMPLE
 from KneeReconLib.cli import main
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.xray_io import XRay, read_xray
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.io.xray_io import XRay, read_xray
 
 LAT = os.path.join(SAMPLE, "lateral.nrrd")
 FAST = settings(max_examples=25, deadline=None, database=None,
@@ -26,7 +26,7 @@ CLI = settings(max_examples=8, deadline=None, database=None,
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
     """The sample AP as the formats users bring: gzip NRRD (as shipped), raw NRRD, DICOM, PNG."""
-    from KneeReconLib.realism import write_dicom_xray
+    from KneeReconLib.data.realism import write_dicom_xray
 
     d = tmp_path_factory.mktemp("originals")
     ap = read_xray(os.path.join(SAMPLE, "ap.nrrd"), "ap")

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from KneeReconLib.backprojection import backproject
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.geometry import ReconGrid, ViewGeometry
-from KneeReconLib.xray_io import XRay
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.core.geometry import ReconGrid, ViewGeometry
+from KneeReconLib.geometry.backprojection import backproject
+from KneeReconLib.io.xray_io import XRay
 
 
 def test_grid_follows_views():

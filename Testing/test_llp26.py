@@ -6,9 +6,9 @@ import SimpleITK as sitk
 pytest.importorskip("musculoskeletal.models")
 pytest.importorskip("gias3.fieldwork")
 
-from KneeReconLib.errors import KneeReconError  # noqa: E402
-from KneeReconLib.llp26 import (TEST_SUBJECTS, TRAIN_SUBJECTS, LLP26Config, check_subjects,  # noqa: E402
-                                generate_llp26_phantom, training_pca)
+from KneeReconLib.core.errors import KneeReconError  # noqa: E402
+from KneeReconLib.data.llp26 import (TEST_SUBJECTS, TRAIN_SUBJECTS, LLP26Config, check_subjects, generate_llp26_phantom,  # noqa: E402
+                                     training_pca)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from KneeReconLib.losses import ngcc, ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
-from KneeReconLib.metrics import dice_per_class, surface_distances
+from KneeReconLib.evaluation.metrics import dice_per_class, surface_distances
+from KneeReconLib.training.losses import ngcc, ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 
 
 def _sphere(n, r, c):

@@ -1,11 +1,11 @@
-"""KneeReconLib.ndfilters gives scipy.ndimage's results (the reconstruction path uses it instead of
+"""KneeReconLib.geometry.ndfilters gives scipy.ndimage's results (the reconstruction path uses it instead of
 scipy, which it no longer imports): Gaussian smoothing bit for bit in float64, bilinear grid
 sampling to rounding, bounding boxes and binary morphology exactly, on random data shaped like
 the reconstruction's (odd sizes, edges, tiny and empty inputs)."""
 import numpy as np
 import pytest
 
-from KneeReconLib import ndfilters as nf
+from KneeReconLib.geometry import ndfilters as nf
 
 ndi = pytest.importorskip("scipy.ndimage")  # scipy is a training/test dependency, not a runtime one
 RNG = np.random.default_rng(15)

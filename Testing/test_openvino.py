@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from conftest import MODEL, SAMPLE
-from KneeReconLib import openvino_backend
-from KneeReconLib.backprojection import backproject
-from KneeReconLib.checkpoint import load_model, save_model
 from KneeReconLib.cli import main
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.geometry import ReconGrid
-from KneeReconLib.inference import Reconstructor
-from KneeReconLib.network import UNet3D, UNetConfig
-from KneeReconLib.preprocessing import normalize_intensity
-from KneeReconLib.xray_io import XRay, read_xray
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.core.geometry import ReconGrid
+from KneeReconLib.geometry.backprojection import backproject
+from KneeReconLib.io.preprocessing import normalize_intensity
+from KneeReconLib.io.xray_io import XRay, read_xray
+from KneeReconLib.models import openvino_backend
+from KneeReconLib.models.checkpoint import load_model, save_model
+from KneeReconLib.models.network import UNet3D, UNetConfig
+from KneeReconLib.reconstruction.inference import Reconstructor
 
 pytestmark = pytest.mark.skipif(not openvino_backend.available(), reason="openvino is not installed")
 

@@ -66,8 +66,8 @@ def test_cmake_names_every_file_the_module_needs(tmp_path):
     assert {"Models/kneerecon_unet.pt", "Models/kneerecon_unet.openvino.xml", "Models/kneerecon_unet.openvino.bin",
             "Models/MODEL_CARD.md", "Sample/ap.nrrd", "Sample/lateral.nrrd", "Sample/truth.nii.gz"} <= bundled
     modules = library_modules()
-    assert {"KneeReconLib/__init__.py", "KneeReconLib/resources.py", "KneeReconLib/model_card.py",
-            "KneeReconLib/inference.py"} <= modules
+    assert {"KneeReconLib/__init__.py", "KneeReconLib/io/resources.py", "KneeReconLib/models/model_card.py",
+            "KneeReconLib/reconstruction/inference.py"} <= modules
     for lists in variants:
         assert set(lists["KNEERECON_MODULE_RESOURCES"]) == {"Resources/" + f for f in module_res}
         assert set(lists["KNEERECON_BUNDLED_RESOURCES"]) == bundled
@@ -140,8 +140,8 @@ def test_dependencies_version_and_licence():
 def test_version_command(capsys):
     from KneeReconLib import __version__
     from KneeReconLib.cli import main
-    from KneeReconLib.model_card import read_card
-    from KneeReconLib.resources import model_path
+    from KneeReconLib.io.resources import model_path
+    from KneeReconLib.models.model_card import read_card
 
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -151,7 +151,7 @@ def test_version_command(capsys):
 
 
 def test_bundled_files_found_in_each_layout(tmp_path, monkeypatch):
-    from KneeReconLib import resources
+    from KneeReconLib.io import resources
 
     # the source tree (and an editable install): Resources/ beside the package
     assert resources.resources_dir() == os.path.join(ROOT, "Resources")

@@ -2,8 +2,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from conftest import centroid
-from KneeReconLib.labels import BY_NAME
-from KneeReconLib.phantom import PhantomConfig, generate_phantom
+from KneeReconLib.core.labels import BY_NAME
+from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
 
 
 def _check_anatomy(ph):
@@ -59,7 +59,7 @@ def test_geometry_is_lps_and_centred(phantom_right):
 
 
 def test_patella_spread_widens_only_the_patella():
-    from KneeReconLib.phantom import sample_parameters
+    from KneeReconLib.data.phantom import sample_parameters
 
     base = [sample_parameters(s, PhantomConfig())["shape"] for s in range(200)]
     wide = [sample_parameters(s, PhantomConfig(patella_sd=0.25))["shape"] for s in range(200)]

@@ -1,4 +1,4 @@
-"""The quality report (KneeReconLib/quality.py): the sample passes, broken reconstructions are
+"""The quality report (KneeReconLib/reconstruction/quality.py): the sample passes, broken reconstructions are
 flagged with the reason in words, and the report reaches report.json, the CLI's exit status and
 its output."""
 import json
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE
-from KneeReconLib import quality
 from KneeReconLib.cli import main
-from KneeReconLib.xray_io import XRay, read_xray, write_xray
+from KneeReconLib.io.xray_io import XRay, read_xray, write_xray
+from KneeReconLib.reconstruction import quality
 
 
 @pytest.fixture(scope="module")
 def sample_rec(bundled_model):
-    from KneeReconLib.inference import Reconstructor
+    from KneeReconLib.reconstruction.inference import Reconstructor
 
     ap = read_xray(os.path.join(SAMPLE, "ap.nrrd"), "ap", side="left")
     lat = read_xray(os.path.join(SAMPLE, "lateral.nrrd"), "lateral", side="left")

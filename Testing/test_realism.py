@@ -1,4 +1,4 @@
-"""The realism simulator (KneeReconLib/realism.py) and the real-like test-set script."""
+"""The realism simulator (KneeReconLib/data/realism.py) and the real-like test-set script."""
 import importlib.util
 import json
 import os
@@ -10,12 +10,12 @@ import SimpleITK as sitk
 
 from scipy.ndimage import binary_dilation
 
-from KneeReconLib.alignment import estimate_height_offset
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.geometry import ViewGeometry
-from KneeReconLib.realism import (RealismConfig, bone_masks, polychromatic_transmission, rotate_about_isocentre,
-                                  simulate_pair, simulate_radiograph, write_dicom_xray, xray_spectrum)
-from KneeReconLib.xray_io import XRay, read_xray
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.core.geometry import ViewGeometry
+from KneeReconLib.data.realism import (RealismConfig, bone_masks, polychromatic_transmission, rotate_about_isocentre,
+                                       simulate_pair, simulate_radiograph, write_dicom_xray, xray_spectrum)
+from KneeReconLib.geometry.alignment import estimate_height_offset
+from KneeReconLib.io.xray_io import XRay, read_xray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ PLAIN = RealismConfig(kvp=(70.0, 70.0), filtration_mm_al=(2.5, 2.5), beam_harden
 
 @pytest.fixture(scope="module")
 def knee():
-    from KneeReconLib.phantom import PhantomConfig, generate_phantom
+    from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
 
     return generate_phantom(1000003, PhantomConfig(voxel_mm=2.0))  # small and fast; a held-out seed
 

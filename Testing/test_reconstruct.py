@@ -9,9 +9,9 @@ import vtk
 
 from conftest import SAMPLE, SHARED, centroid
 from KneeReconLib.cli import main
-from KneeReconLib.labels import BONES, BY_NAME
-from KneeReconLib.metrics import dice_per_class
-from KneeReconLib.outputs import OUTPUT_FILES
+from KneeReconLib.core.labels import BONES, BY_NAME
+from KneeReconLib.evaluation.metrics import dice_per_class
+from KneeReconLib.reconstruction.outputs import OUTPUT_FILES
 
 
 def _on_truth(pred_path_or_img, truth):
@@ -109,7 +109,7 @@ CONTRACT = os.path.join(SHARED, "contract-check")
 def test_contract_check_knees_from_other_software(bundled_model, knee):
     d = os.path.join(CONTRACT, knee)
     side = json.load(open(os.path.join(d, "meta.json")))["side"]
-    from KneeReconLib.inference import reconstruct
+    from KneeReconLib.reconstruction.inference import reconstruct
     rec = reconstruct(os.path.join(d, "ap.nrrd"), os.path.join(d, "lateral.nrrd"), side=side, surfaces=False)
     truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
     p, t = _on_truth(rec.labels, truth)
@@ -119,8 +119,8 @@ def test_contract_check_knees_from_other_software(bundled_model, knee):
 
 
 def test_a_one_voxel_bone_gives_an_empty_surface_not_an_error():
-    from KneeReconLib.geometry import ReconGrid
-    from KneeReconLib.surfaces import bone_surface
+    from KneeReconLib.core.geometry import ReconGrid
+    from KneeReconLib.reconstruction.surfaces import bone_surface
 
     grid = ReconGrid.centered((32, 32, 32), (32, 32, 32))
     m = np.zeros(grid.shape, bool)
@@ -134,8 +134,8 @@ def test_mirror_tta_is_a_real_second_opinion():
     """--tta averages the knee and its mirror image: close to the plain result, not identical."""
     import SimpleITK as sitk
 
-    from KneeReconLib.inference import reconstruct
-    from KneeReconLib.metrics import dice_per_class
+    from KneeReconLib.evaluation.metrics import dice_per_class
+    from KneeReconLib.reconstruction.inference import reconstruct
 
     ap, lat = os.path.join(SAMPLE, "ap.nrrd"), os.path.join(SAMPLE, "lateral.nrrd")
     plain = sitk.GetArrayFromImage(reconstruct(ap, lat, side="left", surfaces=False).labels)

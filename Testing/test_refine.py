@@ -1,4 +1,4 @@
-"""Labels on a finer grid from interpolated class scores (KneeReconLib/refine.py, --refine)."""
+"""Labels on a finer grid from interpolated class scores (KneeReconLib/reconstruction/refine.py, --refine)."""
 import json
 import os
 import subprocess
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from KneeReconLib.geometry import ReconGrid
-from KneeReconLib.refine import finer_grid, refine_labels
-from KneeReconLib.surfaces import clean_labels
+from KneeReconLib.core.geometry import ReconGrid
+from KneeReconLib.reconstruction.refine import finer_grid, refine_labels
+from KneeReconLib.reconstruction.surfaces import clean_labels
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SAMPLE = os.path.join(ROOT, "Resources", "Sample")

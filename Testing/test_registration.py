@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 
+from KneeReconLib.baselines.registration import FitConfig, fit, init_from_labels
+from KneeReconLib.baselines.shape_model import ShapeModel, build_shape_model, canonical_sdf
 from KneeReconLib.cli import main
-from KneeReconLib.dataset import build_phantom_cache, load_case, make_sample
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.metrics import dice_per_class
-from KneeReconLib.registration import FitConfig, fit, init_from_labels
-from KneeReconLib.shape_model import ShapeModel, build_shape_model, canonical_sdf
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.data.dataset import build_phantom_cache, load_case, make_sample
+from KneeReconLib.evaluation.metrics import dice_per_class
 
 GRID = 48
 

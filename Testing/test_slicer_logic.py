@@ -11,7 +11,7 @@ from conftest import ROOT, SAMPLE
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by requirements-test.txt")
 sys.path.insert(0, os.path.join(ROOT, "KneeRecon"))
 import slicer_headless  # noqa: E402
-from KneeReconLib.labels import BONES  # noqa: E402
+from KneeReconLib.core.labels import BONES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_seg_nrrd_export_reloads_identically(recon, tmp_path):
 
 def test_library_seg_nrrd_loads_in_slicer(recon, tmp_path):
     """The command line's segmentation.seg.nrrd (written without Slicer) reads as four named segments."""
-    from KneeReconLib.segfile import write_seg_nrrd
+    from KneeReconLib.io.segfile import write_seg_nrrd
 
     _, logic, _, _, _ = recon
     rec = logic.lastReconstruction
@@ -142,7 +142,7 @@ def test_models_and_outlines(recon):
     fem = [m for m in models if m.GetName() == "femur"][0]
     # RAS: the model's x and y are the LPS surface's negated
     rec = logic.lastReconstruction
-    from KneeReconLib.surfaces import polydata_points
+    from KneeReconLib.reconstruction.surfaces import polydata_points
     lps = polydata_points(rec.surfaces["femur"]).mean(0)
     ras = polydata_points(fem.GetPolyData()).mean(0)
     assert np.allclose(ras, lps * np.array([-1, -1, 1]), atol=1e-3)
@@ -258,7 +258,7 @@ def test_quality_verdict_on_the_segmentation(recon, bundled_model):
 def test_view_checks_through_the_logic(recon):
     """The module applies the CLI's input checks: the sample passes without warnings, swapped
     volumes are refused before any network work, a contradicted side becomes a warning."""
-    from KneeReconLib.errors import KneeReconError
+    from KneeReconLib.core.errors import KneeReconError
 
     scene, logic, _, ap, lat = recon
     rec = logic.lastReconstruction

@@ -8,14 +8,14 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import SAMPLE
-from KneeReconLib.alignment import knee_height, otsu3_upper
-from KneeReconLib.geometry import ReconGrid
-from KneeReconLib.labels import BONES
-from KneeReconLib.ndfilters import bounding_box
-from KneeReconLib.overlay import inner_boundary
-from KneeReconLib.preprocessing import normalize_intensity
-from KneeReconLib.surfaces import _blurred_box, bone_surface, polydata_points, smooth_surface
-from KneeReconLib.xray_io import read_xray
+from KneeReconLib.core.geometry import ReconGrid
+from KneeReconLib.core.labels import BONES
+from KneeReconLib.geometry.alignment import knee_height, otsu3_upper
+from KneeReconLib.geometry.ndfilters import bounding_box
+from KneeReconLib.io.preprocessing import normalize_intensity
+from KneeReconLib.io.xray_io import read_xray
+from KneeReconLib.reconstruction.overlay import inner_boundary
+from KneeReconLib.reconstruction.surfaces import _blurred_box, bone_surface, polydata_points, smooth_surface
 
 skimage = pytest.importorskip("skimage")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from KneeReconLib.checkpoint import read_model_file
 from KneeReconLib.cli import main
-from KneeReconLib.style import StyleConfig, StyleTransfer, train_style
-from KneeReconLib.xray_io import read_xray, write_xray
+from KneeReconLib.io.xray_io import read_xray, write_xray
+from KneeReconLib.models.checkpoint import read_model_file
+from KneeReconLib.models.style import StyleConfig, StyleTransfer, train_style
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_reconstruct_with_style_and_wrong_model_kinds(domains, tmp_path, capsys)
     assert any("DRR style" in n for n in report["notes"])
     assert main(["reconstruct", "--ap", ap, "--lateral", lat, "--output", str(tmp_path / "o2"), "--model", style]) == 2
     assert "not a reconstruction model" in capsys.readouterr().err
-    from KneeReconLib.inference import DEFAULT_MODEL
+    from KneeReconLib.reconstruction.inference import DEFAULT_MODEL
     assert main(["reconstruct", "--ap", ap, "--lateral", lat, "--output", str(tmp_path / "o3"), "--style", DEFAULT_MODEL]) == 2
     assert "not a style model" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import MODEL, ROOT, SAMPLE
-from KneeReconLib.checkpoint import read_model_file, save_model
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.model_card import network_divisor, read_card, reconstruction_card
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.models.checkpoint import read_model_file, save_model
+from KneeReconLib.models.model_card import network_divisor, read_card, reconstruction_card
 
-openvino_backend = pytest.importorskip("KneeReconLib.openvino_backend")
+openvino_backend = pytest.importorskip("KneeReconLib.models.openvino_backend")
 MODELS = os.path.dirname(MODEL)
 
 
@@ -30,7 +30,7 @@ def _env(tmp_path, **extra):
 def test_card_read_without_torch_is_the_card_torch_reads(tmp_path):
     import torch
 
-    from KneeReconLib.network import UNet3D, UNetConfig
+    from KneeReconLib.models.network import UNet3D, UNetConfig
 
     for name in ("kneerecon_unet.pt", "kneerecon_chen.pt", "kneerecon_style.pt"):
         path = os.path.join(MODELS, name)
@@ -80,7 +80,7 @@ for name in ("torch", "scipy", "skimage"):  # `import torch` etc. fail here, as 
     sys.modules[name] = None
 t0 = time.perf_counter()
 import KneeReconLib
-from KneeReconLib.outputs import write_outputs
+from KneeReconLib.reconstruction.outputs import write_outputs
 rec = KneeReconLib.reconstruct(os.path.join(SAMPLE, "ap.nrrd"), os.path.join(SAMPLE, "lateral.nrrd"), side="left")
 write_outputs(rec, OUT)
 from KneeReconLib.cli import main
@@ -103,7 +103,7 @@ def test_reconstruction_imports_no_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["rc"] == 0 and res["heavy"] == [] and res["backend"] == "openvino", res
-    from KneeReconLib.outputs import OUTPUT_FILES
+    from KneeReconLib.reconstruction.outputs import OUTPUT_FILES
     for d in (out, out + "_cli"):
         assert sorted(os.listdir(d)) == sorted(OUTPUT_FILES)
 
@@ -145,8 +145,8 @@ def test_commands_that_need_the_train_extra_say_so(tmp_path):
 
 
 def _phantom_pair(seed):
-    from KneeReconLib.dataset import phantom_case
-    from KneeReconLib.xray_io import XRay
+    from KneeReconLib.data.dataset import phantom_case
+    from KneeReconLib.io.xray_io import XRay
 
     case = phantom_case(seed)
     return XRay(case.ap, case.ap_geom), XRay(case.lateral, case.lat_geom), case.ap_geom.side
@@ -155,8 +155,8 @@ def _phantom_pair(seed):
 def test_openvino_and_torch_paths_agree(bundled_model):
     """The whole reconstruction (back-projection, network, clean-up) through either runtime: the same
     label map on at least 99.9 % of the voxels, on the sample and on two fresh test-range phantoms."""
-    from KneeReconLib.inference import Reconstructor
-    from KneeReconLib.xray_io import read_xray
+    from KneeReconLib.io.xray_io import read_xray
+    from KneeReconLib.reconstruction.inference import Reconstructor
 
     ov, pt = Reconstructor(bundled_model, backend="openvino"), Reconstructor(bundled_model, backend="torch")
     assert ov.ov is not None and pt.ov is None

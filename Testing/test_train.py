@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from KneeReconLib.checkpoint import read_model_file
-from KneeReconLib.train import train
+from KneeReconLib.models.checkpoint import read_model_file
+from KneeReconLib.training.train import train
 
 TINY = {"in_channels": 2, "num_classes": 5, "widths": [4, 8, 16], "activation": "relu", "upsample": "trilinear"}
 
@@ -52,7 +52,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_cache, tmp_path, extra):
 
 
 def test_ema_model_is_the_average_and_slabs_are_mixed(tiny_cache, tmp_path):
-    from KneeReconLib.train import _crop_shape
+    from KneeReconLib.training.train import _crop_shape
     cfg = _cfg(tiny_cache, tmp_path, crop=(16, 16, 16), slab_p=0.5, slab_depth=8, batch_size=1)
     shapes = [_crop_shape(cfg, i) for i in range(200)]
     n_slab = sum(s == (8, 32, 32) for s in shapes)

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import SAMPLE
 from KneeReconLib.cli import build_parser, main
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.geometry import ViewGeometry
-from KneeReconLib.validation import LIMITS, WORDS_OR_NUMBER, Limit
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.core.geometry import ViewGeometry
+from KneeReconLib.io.validation import LIMITS, WORDS_OR_NUMBER, Limit
 
 AP = os.path.join(SAMPLE, "ap.nrrd")
 LAT = os.path.join(SAMPLE, "lateral.nrrd")
@@ -31,7 +31,7 @@ def _numeric_options():
 
 def test_every_numeric_option_has_a_limit():
     missing = [(c, d) for c, d in _numeric_options() if d not in LIMITS and d not in WORDS_OR_NUMBER]
-    assert not missing, f"add these to KneeReconLib/validation.py LIMITS: {missing}"
+    assert not missing, f"add these to KneeReconLib/io/validation.py LIMITS: {missing}"
     assert len(_numeric_options()) > 40
 
 
@@ -94,7 +94,7 @@ def test_library_refuses_nan_geometry():
         ViewGeometry("ap", 100, 100, (float("nan"), 0.5))
     with pytest.raises(KneeReconError, match="finite SID"):
         ViewGeometry("ap", 100, 100, (0.5, 0.5), float("inf"), 1000.0)
-    from KneeReconLib.xray_io import read_xray
+    from KneeReconLib.io.xray_io import read_xray
     with pytest.raises(KneeReconError, match="implausible pixel spacing"):
         read_xray(AP, "ap", pixel_spacing=float("nan"))
 

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import SAMPLE
 from KneeReconLib.cli import main
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.view_check import assess_views, check_views, side_warnings
-from KneeReconLib.xray_io import read_xray, write_xray
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.io.view_check import assess_views, check_views, side_warnings
+from KneeReconLib.io.xray_io import read_xray, write_xray
 
 AP = os.path.join(SAMPLE, "ap.nrrd")
 LAT = os.path.join(SAMPLE, "lateral.nrrd")
@@ -21,9 +21,9 @@ LAT = os.path.join(SAMPLE, "lateral.nrrd")
 @pytest.fixture(scope="module")
 def phantom_pair(tmp_path_factory):
     """A fresh procedural knee (a seed no training used), parallel-beam DRRs as NRRD files."""
-    from KneeReconLib.drr import DRRConfig, render_drr
-    from KneeReconLib.frame import to_knee_frame
-    from KneeReconLib.phantom import PhantomConfig, generate_phantom
+    from KneeReconLib.data.drr import DRRConfig, render_drr
+    from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
+    from KneeReconLib.geometry.frame import to_knee_frame
 
     d = tmp_path_factory.mktemp("fresh")
     ph = generate_phantom(7_777_001, PhantomConfig(side="left"))

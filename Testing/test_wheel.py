@@ -84,12 +84,12 @@ def test_editable_install_is_quiet_and_finds_the_source_tree(work, dists):
     r = _ok([py, "-m", "pip", "install", "-q", "--no-deps", "-e", str(src)], env, work)
     text = r.stdout + r.stderr
     assert "!!" not in text and "Warning" not in text and "eprecat" not in text, text[-3000:]  # (setuptools warning classes)
-    res = _ok([py, "-c", "from KneeReconLib import resources; print(resources.resources_dir())"], env, work).stdout.strip()
+    res = _ok([py, "-c", "from KneeReconLib.io import resources; print(resources.resources_dir())"], env, work).stdout.strip()
     assert res == str(src / "Resources") and not (src / "KneeReconLib" / "Resources").exists(), res
 
 
 def _dice(pred_path, truth_path):
-    from KneeReconLib.metrics import dice_per_class
+    from KneeReconLib.evaluation.metrics import dice_per_class
 
     truth = sitk.ReadImage(truth_path)
     pred = sitk.Resample(sitk.ReadImage(pred_path), truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
@@ -97,7 +97,7 @@ def _dice(pred_path, truth_path):
 
 
 def _installed_resources(py, env, work):
-    r = _ok([py, "-c", "from KneeReconLib import resources; print(resources.resources_dir())"], env, work)
+    r = _ok([py, "-c", "from KneeReconLib.io import resources; print(resources.resources_dir())"], env, work)
     return r.stdout.strip()
 
 
@@ -122,7 +122,7 @@ def test_installed_without_torch_reconstructs_the_sample(venv, work):
     res = _installed_resources(venv, env, work)
     assert res.startswith(str(work / "venv")) and res.endswith(os.path.join("KneeReconLib", "Resources")), res
     import KneeReconLib
-    from KneeReconLib.model_card import read_card
+    from KneeReconLib.models.model_card import read_card
     card = read_card(os.path.join(ROOT, "Resources", "Models", "kneerecon_unet.pt"))
     version = _ok([work / "venv" / "bin" / "kneerecon", "--version"], env, work).stdout.strip()
     assert version == f"kneerecon {KneeReconLib.__version__} (bundled model: {card['name']} {card['version']})"
@@ -131,7 +131,7 @@ def test_installed_without_torch_reconstructs_the_sample(venv, work):
     r = _ok([work / "venv" / "bin" / "kneerecon", "reconstruct", "--ap", os.path.join(sample, "ap.nrrd"),
              "--lateral", os.path.join(sample, "lateral.nrrd"), "--side", "left", "--output", str(out)], env, work)
     assert "note:" not in r.stdout or "outside the trained range" not in r.stdout
-    from KneeReconLib.outputs import OUTPUT_FILES
+    from KneeReconLib.reconstruction.outputs import OUTPUT_FILES
     assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
     report = json.load(open(out / "report.json"))
     assert report["precision"].startswith("OpenVINO") and report["model"]["version"] == card["version"]
@@ -139,7 +139,7 @@ def test_installed_without_torch_reconstructs_the_sample(venv, work):
     # the same thresholds as the source tree's test (test_reconstruct.py)
     assert d[1] > 0.85 and d[3] > 0.85 and d[2] > 0.6 and d[4] > 0.5, d
     # through the API: still no torch in sys.modules afterwards
-    code = ("import sys, KneeReconLib\nfrom KneeReconLib import resources\n"
+    code = ("import sys, KneeReconLib\nfrom KneeReconLib.io import resources\n"
             "rec = KneeReconLib.reconstruct(resources.sample_path('ap.nrrd'), resources.sample_path('lateral.nrrd'), side='left')\n"
             "assert rec.volumes_ml['femur'] > 50, rec.volumes_ml\n"
             "assert not {'torch', 'skimage', 'scipy'} & set(sys.modules), sorted(sys.modules)\n"

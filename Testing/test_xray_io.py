@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from KneeReconLib.errors import KneeReconError
-from KneeReconLib.geometry import ViewGeometry
-from KneeReconLib.xray_io import read_xray, write_xray
+from KneeReconLib.core.errors import KneeReconError
+from KneeReconLib.core.geometry import ViewGeometry
+from KneeReconLib.io.xray_io import read_xray, write_xray
 
 
 def _img(arr, spacing=(0.4, 0.5)):

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from KneeReconLib.drr import project_cone, project_cone_planes, project_parallel  # noqa: E402
-from KneeReconLib.geometry import ReconGrid, ViewGeometry  # noqa: E402
+from KneeReconLib.core.geometry import ReconGrid, ViewGeometry  # noqa: E402
+from KneeReconLib.data.drr import project_cone, project_cone_planes, project_parallel  # noqa: E402
 
 
 def med(fn, n=5):

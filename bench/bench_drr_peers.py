@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from KneeReconLib.drr import project_cone, project_cone_planes  # noqa: E402
-from KneeReconLib.geometry import ReconGrid, ViewGeometry  # noqa: E402
+from KneeReconLib.core.geometry import ReconGrid, ViewGeometry  # noqa: E402
+from KneeReconLib.data.drr import project_cone, project_cone_planes  # noqa: E402
 
 N, DET, PIX, SID, SOD = 256, 256, 1.2, 1100.0, 900.0
 VOX = 200.0 / N

@@ -19,17 +19,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from KneeReconLib.backprojection import backproject  # noqa: E402
-from KneeReconLib.checkpoint import load_model  # noqa: E402
-from KneeReconLib.geometry import ReconGrid  # noqa: E402
-from KneeReconLib.inference import DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, cpu_has_fast_bf16, reconstruct  # noqa: E402
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
-from KneeReconLib import openvino_backend  # noqa: E402
-from KneeReconLib.fused_unet import fuse_for_inference  # noqa: E402
-from KneeReconLib.network import fold_batchnorm, to_channels_last  # noqa: E402
-from KneeReconLib.outputs import write_outputs  # noqa: E402
-from KneeReconLib.preprocessing import normalize_intensity  # noqa: E402
-from KneeReconLib.xray_io import XRay, read_xray  # noqa: E402
+from KneeReconLib.core.geometry import ReconGrid  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.geometry.backprojection import backproject  # noqa: E402
+from KneeReconLib.io.preprocessing import normalize_intensity  # noqa: E402
+from KneeReconLib.io.xray_io import XRay, read_xray  # noqa: E402
+from KneeReconLib.models import openvino_backend  # noqa: E402
+from KneeReconLib.models.checkpoint import load_model  # noqa: E402
+from KneeReconLib.models.fused_unet import fuse_for_inference  # noqa: E402
+from KneeReconLib.models.network import fold_batchnorm, to_channels_last  # noqa: E402
+from KneeReconLib.reconstruction.inference import (DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, cpu_has_fast_bf16,  # noqa: E402
+                                                   reconstruct)
+from KneeReconLib.reconstruction.outputs import write_outputs  # noqa: E402
 
 SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Resources", "Sample")
 
@@ -132,9 +133,9 @@ def test_set_dice(folder: str, net: torch.nn.Module) -> None:
     and their voxel agreement."""
     import glob
 
-    from KneeReconLib.dataset import load_case, make_sample
-    from KneeReconLib.evaluate import score_labels
-    from KneeReconLib.surfaces import clean_labels
+    from KneeReconLib.data.dataset import load_case, make_sample
+    from KneeReconLib.evaluation.evaluate import score_labels
+    from KneeReconLib.reconstruction.surfaces import clean_labels
 
     rec = Reconstructor()
     fast, ref, agree = [], [], []

@@ -1,4 +1,4 @@
-"""Cost of the quality report (KneeReconLib/quality.py) on the bundled sample: `quality.assess`
+"""Cost of the quality report (KneeReconLib/reconstruction/quality.py) on the bundled sample: `quality.assess`
 alone on one reconstruction (outline agreement on both views, pieces and margin of the raw
 output; the network's class scores are an output it computes anyway), and without the raw
 output (outlines and sizes only). Wall time and CPU time (process, all threads), median of the
@@ -31,12 +31,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15)
     a = p.parse_args()
-    from KneeReconLib import quality
-    from KneeReconLib.backprojection import backproject
-    from KneeReconLib.geometry import ReconGrid
-    from KneeReconLib.inference import Reconstructor
-    from KneeReconLib.preprocessing import normalize_intensity
-    from KneeReconLib.xray_io import XRay, read_xray
+    from KneeReconLib.core.geometry import ReconGrid
+    from KneeReconLib.geometry.backprojection import backproject
+    from KneeReconLib.io.preprocessing import normalize_intensity
+    from KneeReconLib.io.xray_io import XRay, read_xray
+    from KneeReconLib.reconstruction import quality
+    from KneeReconLib.reconstruction.inference import Reconstructor
 
     sample = os.path.join(ROOT, "Resources", "Sample")
     ap = read_xray(os.path.join(sample, "ap.nrrd"), "ap", side="left")

@@ -36,7 +36,7 @@ def run_train(data: str, steps: int, crop: int, device: str, nproc: int = 1, thr
 
 def pipeline_rate(data: str, n: int, crop: int) -> float:
     """Samples/s that one data-loading process produces (load, augment, back-project, crop, weights)."""
-    from KneeReconLib.train import TrainConfig, TrainSamples
+    from KneeReconLib.training.train import TrainConfig, TrainSamples
 
     ds = TrainSamples(TrainConfig(data=[data], crop=(crop,) * 3 if crop else None), sorted(glob.glob(os.path.join(data, "*.npz"))))
     ds[0]

@@ -9,10 +9,10 @@ from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from KneeReconLib.drr import DRRConfig, render_drr  # noqa: E402
-from KneeReconLib.labels import BONES  # noqa: E402
-from KneeReconLib.phantom import generate_phantom  # noqa: E402
-from KneeReconLib.preprocessing import normalize_intensity  # noqa: E402
+from KneeReconLib.core.labels import BONES  # noqa: E402
+from KneeReconLib.data.drr import DRRConfig, render_drr  # noqa: E402
+from KneeReconLib.data.phantom import generate_phantom  # noqa: E402
+from KneeReconLib.io.preprocessing import normalize_intensity  # noqa: E402
 
 
 def _gray(a, lo, hi):

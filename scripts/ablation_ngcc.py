@@ -14,9 +14,9 @@ import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from KneeReconLib.evaluate import evaluate_model  # noqa: E402
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
-from KneeReconLib.train import TrainConfig, train  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.evaluation.evaluate import evaluate_model  # noqa: E402
+from KneeReconLib.training.train import TrainConfig, train  # noqa: E402
 
 
 def main():

@@ -14,9 +14,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from KneeReconLib.evaluate import evaluate_files, evaluate_model  # noqa: E402
-from KneeReconLib.fileio import atomic_write_json  # noqa: E402
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.evaluation.evaluate import evaluate_files, evaluate_model  # noqa: E402
+from KneeReconLib.io.fileio import atomic_write_json  # noqa: E402
 
 
 def _mean(rows, key):

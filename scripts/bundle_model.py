@@ -17,12 +17,13 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from KneeReconLib import __version__, openvino_backend  # noqa: E402
-from KneeReconLib.checkpoint import load_model, read_model_file, save_model  # noqa: E402
-from KneeReconLib.evaluate import evaluate_files, evaluate_model, format_table  # noqa: E402
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
-from KneeReconLib.phantom import PhantomConfig  # noqa: E402
-from KneeReconLib.train import recalibrate_batchnorm, recalibration_samples  # noqa: E402
+from KneeReconLib import __version__  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.data.phantom import PhantomConfig  # noqa: E402
+from KneeReconLib.evaluation.evaluate import evaluate_files, evaluate_model, format_table  # noqa: E402
+from KneeReconLib.models import openvino_backend
+from KneeReconLib.models.checkpoint import load_model, read_model_file, save_model  # noqa: E402
+from KneeReconLib.training.train import recalibrate_batchnorm, recalibration_samples  # noqa: E402
 
 
 def _cross_subject_md(cross: dict) -> str:

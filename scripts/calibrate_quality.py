@@ -1,4 +1,4 @@
-"""Calibrate the quality report's thresholds (KneeReconLib/quality.py, QualityConfig) and measure
+"""Calibrate the quality report's thresholds (KneeReconLib/reconstruction/quality.py, QualityConfig) and measure
 how well its verdict finds bad bones.
 
 Each case is reconstructed by the bundled model the way `kneerecon reconstruct` does (both X-rays,
@@ -37,8 +37,8 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
-from KneeReconLib.quality import QualityConfig, judge  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.reconstruction.quality import QualityConfig, judge  # noqa: E402
 
 BAD, GOOD = 0.80, 0.92
 
@@ -77,7 +77,7 @@ def _moved(labels: np.ndarray, grid, bone: str, mm) -> np.ndarray:
 
 def _broken_rows(name: str, r, truth_img) -> list[dict]:
     """One row per broken variant; only the moved bone is scored (the others are the real rows')."""
-    from KneeReconLib.quality import assess
+    from KneeReconLib.reconstruction.quality import assess
 
     rows = []
     lab = r.labels_array()
@@ -92,9 +92,9 @@ def _broken_rows(name: str, r, truth_img) -> list[dict]:
 
 
 def measure(data: list[str], case_dirs: list[str], out: str, broken: bool = False, limit: int | None = None) -> None:
-    from KneeReconLib.dataset import load_case
-    from KneeReconLib.inference import Reconstructor, reconstruct
-    from KneeReconLib.xray_io import XRay
+    from KneeReconLib.data.dataset import load_case
+    from KneeReconLib.io.xray_io import XRay
+    from KneeReconLib.reconstruction.inference import Reconstructor, reconstruct
 
     rec = Reconstructor()
     rows = []

@@ -37,10 +37,10 @@ import SimpleITK as sitk
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from KneeReconLib.dataset import _read, _read_labelmap  # noqa: E402
-from KneeReconLib.drr import DRRConfig, render_drr  # noqa: E402
-from KneeReconLib.frame import to_knee_frame  # noqa: E402
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.data.dataset import _read, _read_labelmap  # noqa: E402
+from KneeReconLib.data.drr import DRRConfig, render_drr  # noqa: E402
+from KneeReconLib.geometry.frame import to_knee_frame  # noqa: E402
 
 # (seed, side): knees of the LLP26 cross-subject test people (5, 10, 15, 20), exact shapes
 DEFAULT_CASES = ((3100010, "right"), (3100012, "right"), (3100020, "left"), (3100021, "left"))

@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from KneeReconLib.dataset import GeometryConfig, case_from_ct, labels_on_grid, load_case, save_case  # noqa: E402
-from KneeReconLib.evaluate import score_labels, summarize  # noqa: E402
-from KneeReconLib.labels import BONE_NAMES  # noqa: E402
-from KneeReconLib.llp26 import TEST_SUBJECTS, LLP26Config, generate_llp26_phantom  # noqa: E402
+from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
+from KneeReconLib.data.dataset import GeometryConfig, case_from_ct, labels_on_grid, load_case, save_case  # noqa: E402
+from KneeReconLib.data.llp26 import TEST_SUBJECTS, LLP26Config, generate_llp26_phantom  # noqa: E402
+from KneeReconLib.evaluation.evaluate import score_labels, summarize  # noqa: E402
 
 SEED0 = 3_000_000  # seeds of the cross-subject cases: seed = SEED0 + 1000 * subject + pose
 GEOMETRIES = {"parallel": 0.0, "cone": 1.0}
@@ -63,9 +63,9 @@ def files(out: str, poses: int, voxel: float) -> None:
     label map at `voxel` mm and meta.json, one folder per case, parallel and cone beam."""
     import SimpleITK as sitk
 
-    from KneeReconLib.drr import render_drr
-    from KneeReconLib.fileio import atomic_write_image, atomic_write_json
-    from KneeReconLib.xray_io import write_xray
+    from KneeReconLib.data.drr import render_drr
+    from KneeReconLib.io.fileio import atomic_write_image, atomic_write_json
+    from KneeReconLib.io.xray_io import write_xray
 
     for name, cone_p in GEOMETRIES.items():
         geo = GeometryConfig(cone_p=cone_p, collimate_p=0.0, bone_slope=(1.2, 1.2))

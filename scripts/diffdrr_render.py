@@ -59,7 +59,7 @@ import diffdrr
 from diffdrr.data import read
 from diffdrr.drr import DRR
 
-MU_WATER_PER_MM = 0.02  # as KneeReconLib.drr
+MU_WATER_PER_MM = 0.02  # as KneeReconLib.data.drr
 BONE_SLOPE = 1.2
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 PARALLEL_SOD_MM = 1.0e6
@@ -68,7 +68,7 @@ PARALLEL_DETECTOR_BEYOND_MM = 1000.0
 
 def hu_to_mu(hu, bone_slope: float = BONE_SLOPE):
     """KneeRecon's bilinear HU -> attenuation (1/mm): mu_w (1 + HU/1000) for HU <= 0,
-    mu_w (1 + bone_slope HU/1000) above; clamped at 0. Same as KneeReconLib.drr.hu_to_mu."""
+    mu_w (1 + bone_slope HU/1000) above; clamped at 0. Same as KneeReconLib.data.drr.hu_to_mu."""
     hu = hu.to(torch.float64)
     rel = torch.where(hu > 0, 1.0 + bone_slope * hu / 1000.0, 1.0 + hu / 1000.0)
     return MU_WATER_PER_MM * rel.clamp_min(0.0)
@@ -98,7 +98,7 @@ def camera_pose(view: str, side: str, sod: float) -> tuple[np.ndarray, bool]:
 
 
 def contract_project(view: str, side: str, width: int, height: int, spacing: float, sid, sod, pts_lps):
-    """DESIGN.md's projection of LPS points to pixel (col, row) (as KneeReconLib.geometry.ViewGeometry.project)."""
+    """DESIGN.md's projection of LPS points to pixel (col, row) (as KneeReconLib.core.geometry.ViewGeometry.project)."""
     x, y, z = np.asarray(pts_lps, float).T
     u = x if view == "ap" else y
     if sid is None:
@@ -152,7 +152,7 @@ def subject_from_ct(path: str, bone_slope: float):
 
 def write_like_kneerecon(pixels: np.ndarray, view: str, spacing: float, sid, sod, path: str, meta: dict,
                          as_float: bool = False, max_value: float = 30000.0) -> float:
-    """As KneeReconLib.xray_io.write_xray: 2D uint16 (max `max_value`), bone bright, spacing set,
+    """As KneeReconLib.io.xray_io.write_xray: 2D uint16 (max `max_value`), bone bright, spacing set,
     origin -(n-1)/2 * spacing, KneeRecon_view and, for cone beam, KneeRecon_SID_mm/SOD_mm.
     Also records the line integral per count (DiffDRR_mu_integral_per_count) so the absolute
     values can be recovered. Returns that factor."""
@@ -183,7 +183,7 @@ def write_like_kneerecon(pixels: np.ndarray, view: str, spacing: float, sid, sod
 
 
 def default_size(ct: sitk.Image, view: str, iso_px: float) -> tuple[int, int]:
-    """As KneeReconLib.drr.render_drr without a size: cover the CT's extent."""
+    """As KneeReconLib.data.drr.render_drr without a size: cover the CT's extent."""
     n, sp = np.array(ct.GetSize()), np.array(ct.GetSpacing())
     wa = 0 if view == "ap" else 1
     return int(round(n[wa] * sp[wa] / iso_px)), int(round(n[2] * sp[2] / iso_px))

@@ -1,4 +1,4 @@
-"""Fit and measure the view check's classifiers (KneeReconLib/view_check.py).
+"""Fit and measure the view check's classifiers (KneeReconLib/io/view_check.py).
 
   python scripts/fit_view_check.py pictures --data cache/llp_train cache/proc_train --out cache/views_train.npz
   python scripts/fit_view_check.py pictures --data cache/xs_parallel cache/xs_cone cache/test_proc --out cache/views_test.npz --seed 2
@@ -24,15 +24,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from KneeReconLib.view_check import (SIDE_MARGIN, SWAP_MARGIN, ViewModel, canonical_picture,  # noqa: E402
-                                     side_features, view_features)
+from KneeReconLib.io.view_check import (SIDE_MARGIN, SWAP_MARGIN, ViewModel, canonical_picture, side_features,  # noqa: E402
+                                        view_features)
 
 HELD_OUT = {5, 10, 15, 20}
 
 
 def pictures(folders: list[str], out: str, realistic: int, seed: int, allow_held_out: bool) -> None:
-    from KneeReconLib.dataset import _realistic, load_case
-    from KneeReconLib.xray_io import XRay
+    from KneeReconLib.data.dataset import _realistic, load_case
+    from KneeReconLib.io.xray_io import XRay
 
     rng = np.random.default_rng(seed)
     pics, views, sides, kinds, names = [], [], [], [], []
@@ -143,7 +143,7 @@ def _rates(model: ViewModel, pics_ap: list, pics_lat: list, sides: list) -> dict
 
 
 def measure(model_path: str, tests: list[str], files: list[str]) -> dict:
-    from KneeReconLib.xray_io import read_xray
+    from KneeReconLib.io.xray_io import read_xray
 
     model = ViewModel.load(model_path)
     results = {}

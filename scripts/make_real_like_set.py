@@ -1,5 +1,5 @@
 """Build a "real-like" test set: held-out phantom knees, positioned with small rotations and a
-height offset between the views, imaged through the realism simulator (KneeReconLib/realism.py)
+height offset between the views, imaged through the realism simulator (KneeReconLib/data/realism.py)
 and written as files like real radiographs, with their 3D truth and 2D bone masks.
 
     python scripts/make_real_like_set.py --out DIR --seed 1000000 --count 10 [--format dicom|nrrd]
@@ -20,12 +20,12 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from KneeReconLib.dataset import TEST_SEED0  # noqa: E402
-from KneeReconLib.errors import KneeReconError  # noqa: E402
-from KneeReconLib.fileio import atomic_path, atomic_write_image, atomic_write_json  # noqa: E402
-from KneeReconLib.labels import label_table  # noqa: E402
-from KneeReconLib.phantom import PhantomConfig, generate_phantom  # noqa: E402
-from KneeReconLib.realism import RealismConfig, simulate_pair, write_dicom_xray, write_nrrd_xray  # noqa: E402
+from KneeReconLib.core.errors import KneeReconError  # noqa: E402
+from KneeReconLib.core.labels import label_table  # noqa: E402
+from KneeReconLib.data.dataset import TEST_SEED0  # noqa: E402
+from KneeReconLib.data.phantom import PhantomConfig, generate_phantom  # noqa: E402
+from KneeReconLib.data.realism import RealismConfig, simulate_pair, write_dicom_xray, write_nrrd_xray  # noqa: E402
+from KneeReconLib.io.fileio import atomic_path, atomic_write_image, atomic_write_json  # noqa: E402
 
 REALISM_STREAM = 7  # realism draws use default_rng([seed, 7]): independent of the phantom's own draws
 ORIENTATION = {"ap": ("+x LPS (patient left)", "-z (inferior)"), "lateral": ("+y LPS (posterior)", "-z (inferior)")}

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from KneeReconLib.dataset import load_case  # noqa: E402
-from KneeReconLib.realism import RealismConfig, simulate_radiograph  # noqa: E402
-from KneeReconLib.xray_io import write_xray  # noqa: E402
+from KneeReconLib.data.dataset import load_case  # noqa: E402
+from KneeReconLib.data.realism import RealismConfig, simulate_radiograph  # noqa: E402
+from KneeReconLib.io.xray_io import write_xray  # noqa: E402
 
 
 def main():

@@ -1,0 +1,306 @@
+"""Quality report of one reconstruction: does each reconstructed bone agree with the input X-rays
+and is it plausible, and so can it be used as it is (`ok`) or should a person look (`review`)?
+
+Per bone:
+- outline agreement per view: the bone's silhouette projected with the view's own geometry
+  (overlay.splat_silhouette, as the outlines in overlay.png), blurred, and the gradients of that
+  compared with the image's gradients around the outline: a normalised gradient correlation
+  (1: every outline pixel lies on an image edge of the same direction; 0: no relation). The same
+  correlation for the outline moved by up to `max_shift_mm` gives the shift at which it fits best
+  (a displaced bone fits better elsewhere);
+- the network's confidence: the mean margin between the two most probable classes (softmax of
+  its class scores) on the surface voxels of the bone in its raw output (where it is unsure, the
+  margin is small), when the network's runtime gives the scores;
+- size: volume in ml and mean cross-section (volume per height of the bone in the field, cm^2,
+  which depends less on how much shaft the image shows) against the ranges of adult knees (the
+  calibration knees' range, widened: a sanity check);
+- pieces: connected components of the network's raw output for the bone and the share of its
+  voxels outside the largest (the label map keeps only the largest).
+Thresholds: `QualityConfig`, calibrated by scripts/calibrate_quality.py (README, "Quality report")."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..geometry import ndfilters
+
+from ..core.geometry import ReconGrid, ViewGeometry
+from ..core.labels import BONES
+from ..io.preprocessing import normalize_intensity
+from ..io.xray_io import XRay
+from .overlay import splat_silhouette
+
+VIEW_NAMES = {"ap": "AP", "lateral": "lateral"}
+
+
+# Defaults: `python scripts/calibrate_quality.py fit` on 107 reconstructions of knees from LLP26
+# training subjects and procedural phantoms (+ 108 with one bone moved); README "Quality report".
+# A bound of -1 / 2.0 / 0.0 / 1.0 is a test that is off.
+def _default_min_outline() -> dict:
+    # bone -> minimum outline agreement (AP, lateral)
+    return {"femur": (0.649, 0.641), "patella": (0.226, 0.291), "tibia": (0.493, 0.493), "fibula": (0.558, 0.102)}
+
+
+def _default_gain() -> dict:
+    # bone -> (AP, lateral) gain in agreement at a best shift beyond max_offset_mm that marks a displaced outline
+    return {"femur": (2.0, 0.073), "patella": (2.0, 0.165), "tibia": (2.0, 2.0), "fibula": (0.102, 2.0)}
+
+
+def _default_margin() -> dict:
+    # bone -> minimum mean class-probability margin on its surface
+    return {"femur": 0.285, "patella": 0.496, "tibia": 0.144, "fibula": 0.475}
+
+
+def _default_fragments() -> dict:
+    # bone -> largest share of the network's raw output for it outside its largest piece (a sanity bound)
+    return {"femur": 0.5, "patella": 0.5, "tibia": 0.5, "fibula": 0.5}
+
+
+def _default_cross_section() -> dict:
+    # bone -> range of the mean cross-section in cm^2 (volume / height of the bone in the field)
+    return {"femur": (5.88, 50.84), "patella": (1.62, 13.82), "tibia": (5.41, 58.33), "fibula": (0.71, 6.4)}
+
+
+def _default_volume() -> dict:
+    # bone -> range of the volume in ml within a knee field of view (the patella is whole)
+    return {"femur": (47.1, 433.0), "patella": (4.5, 62.8), "tibia": (38.8, 564.5), "fibula": (5.3, 53.2)}
+
+
+@dataclass
+class QualityConfig:
+    """Thresholds of the quality report (defaults: calibrated, README "Quality report")."""
+
+    pixel_mm: float = 1.0  # the images are compared at this pixel size at the isocentre
+    sigma_mm: float = 1.0  # blur of image and outline before the gradients
+    border_mm: float = 3.0  # outline pixels this close to the image border are not compared
+    max_shift_mm: float = 6.0  # search range of the best-fitting outline shift
+    min_outline: dict = field(default_factory=_default_min_outline)
+    max_offset_mm: float = 2.0  # an outline fitting best this far away is displaced ...
+    min_offset_gain: dict = field(default_factory=_default_gain)  # ... if it fits this much better there (AP, lateral)
+    min_margin: dict = field(default_factory=_default_margin)  # mean top-2 class probability margin on the surface (0-1)
+    max_fragment_fraction: dict = field(default_factory=_default_fragments)  # share of the raw output outside the largest piece
+    min_piece_ml: float = 0.2  # smaller raw pieces are not counted as components
+    cross_section_cm2: dict = field(default_factory=_default_cross_section)
+    volume_ml: dict = field(default_factory=_default_volume)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_view(view: ViewGeometry, pixel_mm: float) -> tuple[ViewGeometry, float]:
+    """A coarser view with the same field (centred, same geometry) and its pixel size factor."""
+    f = max(1.0, pixel_mm / min(view.iso_spacing))
+    w, h = max(8, int(round(view.width / f))), max(8, int(round(view.height / f)))
+    sp = (view.spacing[0] * view.width / w, view.spacing[1] * view.height / h)
+    return ViewGeometry(view.view, w, h, sp, view.sid, view.sod, view.side), f
+
+
+def _resample_image(pixels: np.ndarray, view: ViewGeometry, small: ViewGeometry) -> np.ndarray:
+    """The image at `small`'s pixel centres (anti-aliased, bilinear)."""
+    a = normalize_intensity(pixels)
+    fc, fr = small.spacing[0] / view.spacing[0], small.spacing[1] / view.spacing[1]
+    if max(fc, fr) > 1.2:
+        a = ndfilters.gaussian_filter(a, (0.4 * fr, 0.4 * fc))
+    c = (np.arange(small.width) - (small.width - 1) / 2.0) * fc + (view.width - 1) / 2.0
+    r = (np.arange(small.height) - (small.height - 1) / 2.0) * fr + (view.height - 1) / 2.0
+    return ndfilters.sample_bilinear(a, r, c, mode="nearest")
+
+
+def _correlate_valid(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+    """sum_p a[p + s] * b[p] for the shifts s in [0, 2k]^2 (a is b's shape plus 2k each way): the
+    'valid' part of scipy.signal.correlate, by FFT (circular, which here never wraps)."""
+    fa = np.fft.rfft2(a)
+    fb = np.fft.rfft2(b, s=a.shape)
+    return np.fft.irfft2(fa * np.conj(fb), s=a.shape)[: 2 * k + 1, : 2 * k + 1]
+
+
+def outline_agreement(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.ndarray, sigma_px: float,
+                      border_px: int, max_shift_px: int) -> dict | None:
+    """Normalised gradient correlation between an image and a bone's blurred silhouette, around
+    the silhouette's outline, at zero shift and at the best shift within `max_shift_px`.
+    `image_grad`: (d/drow, d/dcol) of the blurred image. None where the outline is not in view."""
+    if silhouette is None or not silhouette.any():
+        return None
+    m = ndfilters.gaussian_filter(silhouette.astype(np.float32), sigma_px)
+    gm = np.gradient(m)
+    mag = np.hypot(*gm)
+    band = mag > 0.1 * mag.max()
+    if border_px:
+        band[:border_px], band[-border_px:], band[:, :border_px], band[:, -border_px:] = False, False, False, False
+    if band.sum() < 10:
+        return None
+    gm = [g * band for g in gm]
+    (r0, r1), (c0, c1) = [(int(ix.min()), int(ix.max()) + 1) for ix in np.nonzero(band)]
+    k = max_shift_px
+    H, W = silhouette.shape
+    # the image's gradients over the band's box widened by the shift range (zeros outside the image)
+    def window(a):
+        out = np.zeros((r1 - r0 + 2 * k, c1 - c0 + 2 * k), np.float32)
+        rs, cs = max(0, r0 - k), max(0, c0 - k)
+        re, ce = min(H, r1 + k), min(W, c1 + k)
+        out[rs - (r0 - k):re - (r0 - k), cs - (c0 - k):ce - (c0 - k)] = a[rs:re, cs:ce]
+        return out
+    gi = [window(g) for g in image_grad]
+    gmc = [g[r0:r1, c0:c1] for g in gm]
+    w = band[r0:r1, c0:c1].astype(np.float32)
+    num = sum(_correlate_valid(a, b, k) for a, b in zip(gi, gmc))
+    den_i = _correlate_valid(gi[0] ** 2 + gi[1] ** 2, w, k)
+    den_m = float(sum((b ** 2).sum() for b in gmc))
+    ncc = num / np.sqrt(np.maximum(den_i, 1e-12) * max(den_m, 1e-12))
+    best = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    return {"agreement": float(ncc[k, k]), "best_agreement": float(ncc[best]),
+            "best_shift_px": (int(best[1]) - k, int(best[0]) - k)}  # (col, row) the outline fits best moved by
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of a mask with a 6-neighbour outside it (the box's faces count as outside)."""
+    return mask & ~ndfilters.binary_erosion(mask, border_value=False)
+
+
+def bone_pieces(mask: np.ndarray, min_voxels: float) -> tuple[int, float]:
+    """(components of at least `min_voxels` voxels, share of the voxels outside the largest) of
+    one bone's mask in the network's raw output (6-connected, as clean_labels)."""
+    n_all = int(mask.sum())
+    if not n_all:
+        return 0, 0.0
+    lab = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    sizes = np.bincount(lab.ravel())[1:]
+    return max(int((sizes >= min_voxels).sum()), 1), float(1.0 - sizes.max() / n_all)
+
+
+def surface_margin(scores: np.ndarray, box: tuple, mask: np.ndarray) -> float:
+    """Mean margin between the two most probable classes (softmax of `scores` [K, z, y, x], logits
+    or log-probabilities) on the surface voxels of `mask`, the bone inside `box` of the grid."""
+    s = np.asarray(scores[(slice(None), *box)])[:, _surface(mask)].astype(np.float32)
+    p = np.exp(s - s.max(axis=0))
+    p /= p.sum(axis=0)
+    top = np.sort(p, axis=0)
+    return float((top[-1] - top[-2]).mean())
+
+
+def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral_offset_mm: float = 0.0,
+            raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, scores: np.ndarray | None = None,
+            config: QualityConfig | None = None) -> dict:
+    """The quality measurements per bone (no verdict): see the module docstring. `labels`: the
+    cleaned label map on `grid`; `raw` (on `raw_grid`): the network's own labels; `scores`: its
+    class scores [K, z, y, x] on `raw_grid` (logits or log-probabilities), None when not available."""
+    cfg = config or QualityConfig()
+    out = {b.name: {"outline": {}} for b in BONES}
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    dz = grid.spacing[2]
+    for b in BONES:
+        m = labels == b.value
+        n = int(m.sum())
+        row = out[b.name]
+        row["volume_ml"] = round(n * voxel_ml, 3)
+        rows = np.nonzero(m.any(axis=(1, 2)))[0]
+        row["cross_section_cm2"] = round(n * voxel_ml / (len(rows) * dz / 10.0), 3) if len(rows) else None
+    # each bone's boundary voxels, found once (one search of the label map) for both views
+    found = ndfilters.bounding_boxes(labels, max(b.value for b in BONES))
+    points = {}
+    for b in BONES:
+        box = found[b.value - 1]
+        if box is not None:
+            sub = labels[box] == b.value
+            k, j, i = (a + s.start for a, s in zip(np.nonzero(_surface(sub)), box))
+            points[b.name] = (grid.origin[0] + i * grid.spacing[0], grid.origin[1] + j * grid.spacing[1],
+                              grid.origin[2] + k * grid.spacing[2])
+    for x, off in ((ap, 0.0), (lateral, lateral_offset_mm)):
+        small, _ = _check_view(x.geometry, cfg.pixel_mm)
+        img = _resample_image(x.pixels, x.geometry, small)
+        px_mm = small.iso_spacing[0]
+        sigma_px = cfg.sigma_mm / px_mm
+        g = np.gradient(ndfilters.gaussian_filter(img, sigma_px))
+        k = max(1, int(round(cfg.max_shift_mm / px_mm)))
+        border = int(np.ceil(cfg.border_mm / px_mm))
+        for b in BONES:
+            sil = splat_silhouette(points[b.name], grid, small, off) if b.name in points else None
+            res = outline_agreement(g, sil, sigma_px, border, k)
+            if res is not None:
+                sc, sr = res.pop("best_shift_px")
+                res["best_shift_mm"] = [round(sc * small.iso_spacing[0], 2), round(sr * small.iso_spacing[1], 2)]
+                res = {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in res.items()}
+            out[b.name]["outline"][x.geometry.view] = res
+    if raw is not None:
+        rv = float(np.prod((raw_grid or grid).spacing)) / 1000.0
+        raw_boxes = ndfilters.bounding_boxes(raw, max(b.value for b in BONES))
+    for b in BONES:
+        out[b.name]["confidence_margin"] = None
+        if raw is None:
+            continue
+        box = raw_boxes[b.value - 1]
+        if box is None:
+            out[b.name].update(components=0, fragment_fraction=0.0)
+            continue
+        sub = raw[box] == b.value
+        n, frac = bone_pieces(sub, cfg.min_piece_ml / rv)
+        out[b.name].update(components=n, fragment_fraction=round(frac, 4))
+        if scores is not None:
+            out[b.name]["confidence_margin"] = round(surface_margin(scores, box, sub), 4)
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def judge(measured: dict, config: QualityConfig | None = None) -> dict:
+    """Verdicts from `measure`'s numbers: per bone and overall `ok` or `review`, with the reasons
+    in words."""
+    cfg = config or QualityConfig()
+    bones, reasons = {}, []
+    for b in BONES:
+        m = measured[b.name]
+        why = []
+        if not m["volume_ml"]:
+            why.append("not found in the reconstruction")
+        else:
+            lo, hi = cfg.volume_ml[b.name]
+            if not lo <= m["volume_ml"] <= hi:
+                why.append(f"its volume {m['volume_ml']:.1f} ml is outside the expected range {lo:g}-{hi:g} ml")
+            cs = m.get("cross_section_cm2")
+            lo, hi = cfg.cross_section_cm2[b.name]
+            if cs is not None and not lo <= cs <= hi:
+                why.append(f"its mean cross-section {cs:.1f} cm^2 is outside the expected range {lo:g}-{hi:g} cm^2")
+            for i, v in enumerate(("ap", "lateral")):
+                o = m["outline"].get(v)
+                if o is None:
+                    continue
+                if o["agreement"] < cfg.min_outline[b.name][i]:
+                    why.append(f"its projected outline does not match the {VIEW_NAMES[v]} image (agreement "
+                               f"{_fmt(o['agreement'])}, expected at least {_fmt(cfg.min_outline[b.name][i])})")
+                elif np.hypot(*o["best_shift_mm"]) > cfg.max_offset_mm and \
+                        o["best_agreement"] - o["agreement"] >= cfg.min_offset_gain[b.name][i]:
+                    why.append(f"its projected outline fits the {VIEW_NAMES[v]} image better "
+                               f"{np.hypot(*o['best_shift_mm']):.1f} mm away")
+            if m.get("fragment_fraction", 0.0) > cfg.max_fragment_fraction[b.name]:
+                why.append(f"the network gave it in {m['components']} pieces ({m['fragment_fraction']:.0%} of it outside "
+                           "the largest, which was kept)")
+            if m.get("confidence_margin") is not None and m["confidence_margin"] < cfg.min_margin[b.name]:
+                why.append(f"the network is unsure at its surface (mean class-probability margin "
+                           f"{_fmt(m['confidence_margin'])}, expected at least {_fmt(cfg.min_margin[b.name])})")
+        bones[b.name] = {**m, "verdict": "review" if why else "ok", "reasons": why}
+        reasons += [f"{b.name}: {w}" for w in why]
+    return {"verdict": "review" if reasons else "ok", "reasons": reasons, "bones": bones}
+
+
+def assess(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, lateral_offset_mm: float = 0.0,
+           raw: np.ndarray | None = None, raw_grid: ReconGrid | None = None, scores: np.ndarray | None = None,
+           config: QualityConfig | None = None) -> dict:
+    """The quality report of one reconstruction (`measure`, then `judge`), with its run time."""
+    t0 = time.perf_counter()
+    q = judge(measure(labels, grid, ap, lateral, lateral_offset_mm, raw, raw_grid, scores, config), config)
+    q["time_s"] = round(time.perf_counter() - t0, 4)
+    return q
+
+
+def summary_line(quality: dict) -> str:
+    """One line for a console or a status bar: 'quality: ok' or 'quality: review - reason; reason'."""
+    if not quality or "verdict" not in quality:
+        return "quality: not assessed"
+    if quality.get("verdict") == "ok":
+        return "quality: ok (every bone agrees with both X-rays and is plausible)"
+    return "quality: REVIEW - " + "; ".join(quality.get("reasons", []))

@@ -1,0 +1,1 @@
+"""Learning: the losses and the training loop."""
