@@ -1,11 +1,11 @@
-"""KneeReconLib.geometry.ndfilters gives scipy.ndimage's results (the reconstruction path uses it instead of
+"""KneeReconLib.core.ndfilters gives scipy.ndimage's results (the reconstruction path uses it instead of
 scipy, which it no longer imports): Gaussian smoothing bit for bit in float64, bilinear grid
 sampling to rounding, bounding boxes and binary morphology exactly, on random data shaped like
 the reconstruction's (odd sizes, edges, tiny and empty inputs)."""
 import numpy as np
 import pytest
 
-from KneeReconLib.geometry import ndfilters as nf
+from KneeReconLib.core import ndfilters as nf
 
 ndi = pytest.importorskip("scipy.ndimage")  # scipy is a training/test dependency, not a runtime one
 RNG = np.random.default_rng(15)
@@ -95,3 +95,14 @@ def test_binary_morphology_is_scipys():
     filled = nf.binary_fill_holes(ring)
     assert filled[40, 60] and not ring[40, 60]  # the hole is filled, the outside is not
     assert not filled[0, 0]
+
+
+def test_uniform_filter_is_scipys_nearest_mode():
+    for shape, size in (((40, 31), (5, 3)), ((7, 9), (9, 1)), ((3, 50), (1, 21)), ((12, 12), (1, 1))):
+        a = RNG.random(shape).astype(np.float32)
+        ours = nf.uniform_filter(a, size)
+        ref = ndi.uniform_filter(a.astype(np.float64), size, mode="nearest")
+        assert ours.dtype == np.float32 and ours.shape == a.shape
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):
+        nf.uniform_filter(np.zeros((4, 4)), (2, 3))

@@ -11,7 +11,7 @@ from conftest import SAMPLE
 from KneeReconLib.core.geometry import ReconGrid
 from KneeReconLib.core.labels import BONES
 from KneeReconLib.geometry.alignment import knee_height, otsu3_upper
-from KneeReconLib.geometry.ndfilters import bounding_box
+from KneeReconLib.core.ndfilters import bounding_box
 from KneeReconLib.io.preprocessing import normalize_intensity
 from KneeReconLib.io.xray_io import read_xray
 from KneeReconLib.reconstruction.overlay import inner_boundary

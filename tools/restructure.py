@@ -36,11 +36,12 @@ TOP_LEVEL = {"__init__", "__main__", "cli"}  # stay at the top: the public API a
 # stage -> the docstring of its __init__.py; lowest first (the import order docs/architecture.md shows)
 STAGES = {
     "core": "What every stage shares, importing nothing of KneeReconLib: the error type (exit 2), the label "
-            "table and DESIGN.md's views and reconstruction grid.",
+            "table, DESIGN.md's views and reconstruction grid, and the n-d image filters (numpy, SimpleITK) "
+            "used from io up.",
     "io": "Files in and out: radiograph reading and writing, atomic file helpers, the .seg.nrrd writer, "
           "intensity preprocessing, input validation and where the bundled resources are.",
     "geometry": "Frames and projection: CT frames, back-projection of the two views into the grid, the "
-                "height-offset alignment and the n-d image filters they use. No networks.",
+                "height-offset alignment. No networks.",
     "data": "Training anatomy and images: the procedural phantoms, the LLP26 bone population, DRRs, the "
             "radiograph simulator and the training data sets (caches). No networks.",
     "models": "The networks and their files: the 3D U-Net and its fused inference form, the Chen network, "
@@ -63,7 +64,7 @@ MAPPING = {
     "view_check": "io", "views": "io",  # issue 16: the view/side check (whichever name it lands with)
     # geometry
     "frame": "geometry", "backprojection": "geometry", "alignment": "geometry",
-    "ndfilters": "geometry",  # issue 15: scipy-free filters; used by backprojection/alignment and above
+    "ndfilters": "core",  # issue 15: scipy-free filters (numpy, SimpleITK); used from io (view_check) up
     # data
     "phantom": "data", "llp26": "data", "drr": "data", "realism": "data", "dataset": "data",
     # models

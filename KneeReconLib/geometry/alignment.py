@@ -17,7 +17,7 @@ import numpy as np
 
 from ..io.preprocessing import normalize_intensity
 from ..io.xray_io import XRay
-from .ndfilters import gaussian_filter1d
+from ..core.ndfilters import gaussian_filter1d
 
 
 @dataclass

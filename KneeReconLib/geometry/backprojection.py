@@ -7,7 +7,7 @@ import numpy as np
 
 from ..core.geometry import ReconGrid, ViewGeometry
 from ..io.xray_io import XRay
-from .ndfilters import gaussian_filter, sample_bilinear
+from ..core.ndfilters import gaussian_filter, sample_bilinear
 
 
 def _antialias(pixels: np.ndarray, geom: ViewGeometry, grid_step_col: float, grid_step_row: float) -> np.ndarray:

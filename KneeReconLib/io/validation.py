@@ -94,6 +94,7 @@ LIMITS: dict[str, Limit] = {
     "pixel_mm": PIXEL_MM,
     "base": Limit(1, 4096, integer=True),
     "res_blocks": Limit(0, 256, integer=True),
+    "refine": Limit(1, 3, integer=True),
 }
 # where one command means something else by a dest: (command, dest) -> limit
 COMMAND_LIMITS: dict[tuple[str, str], Limit] = {

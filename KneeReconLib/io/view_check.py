@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core import ndfilters
 from ..core.errors import KneeReconError
 from . import resources
 from .preprocessing import collimated_border, fill_collimation, normalize_intensity
@@ -45,8 +46,6 @@ def canonical_picture(xray: XRay) -> np.ndarray:
     """The image as the classifiers see it: collimator shadows filled, intensities on the robust
     [0, 1] range, resampled to CANON_PX_MM pixels (the geometry's isocentre spacing) and cropped or
     padded about the image centre to CANON_SIZE x CANON_SIZE (float32 [row, col])."""
-    from scipy import ndimage
-
     a = np.asarray(xray.pixels, np.float32)
     border = collimated_border(a)
     if any(border):
@@ -56,11 +55,10 @@ def canonical_picture(xray: XRay) -> np.ndarray:
     # area averaging (a box of the target pixel) before sampling: fine detail and noise do not alias
     # an odd box, centred on its pixel: a mirrored image gives exactly the mirrored picture
     box = tuple(2 * int(CANON_PX_MM / s / 2) + 1 for s in (sy, sx))
-    a = ndimage.uniform_filter(a, box, mode="nearest")
+    a = ndfilters.uniform_filter(a, box)
     rows = (np.arange(CANON_SIZE) - CANON_SIZE / 2 + 0.5) * CANON_PX_MM / sy + (a.shape[0] - 1) / 2
     cols = (np.arange(CANON_SIZE) - CANON_SIZE / 2 + 0.5) * CANON_PX_MM / sx + (a.shape[1] - 1) / 2
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    return ndimage.map_coordinates(a, [rr, cc], order=1, mode="constant", cval=0.0).astype(np.float32)
+    return ndfilters.sample_bilinear(a, rows, cols, mode="constant", cval=0.0).astype(np.float32)
 
 
 def view_features(pic: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..core.geometry import ReconGrid, ViewGeometry
 from ..core.labels import BONES
-from ..geometry import ndfilters
+from ..core import ndfilters
 from ..io.preprocessing import normalize_intensity
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from ..geometry import ndfilters
+from ..core import ndfilters
 
 from ..core.geometry import ReconGrid, ViewGeometry
 from ..core.labels import BONES

@@ -16,7 +16,7 @@ from vtkmodules.vtkFiltersCore import (vtkFlyingEdges3D, vtkPolyDataNormals, vtk
 
 from ..core.geometry import ReconGrid
 from ..core.labels import BONES
-from ..geometry.ndfilters import bounding_box, bounding_boxes, gaussian_filter
+from ..core.ndfilters import bounding_box, bounding_boxes, gaussian_filter
 from ..io.fileio import atomic_path
 
 

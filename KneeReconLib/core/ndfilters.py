@@ -69,6 +69,27 @@ def gaussian_filter(a: np.ndarray, sigma: float | Sequence[float], mode: str = "
     return out
 
 
+def uniform_filter(a: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Mean over a centred box of odd `size` per axis, edge values continued beyond the border (as
+    scipy.ndimage.uniform_filter(a, size, mode='nearest') for odd sizes), by running sums."""
+    out = np.asarray(a, np.float64)
+    for axis, k in enumerate(size):
+        k = int(k)
+        if k <= 1:
+            continue
+        if k % 2 == 0:
+            raise ValueError(f"uniform_filter takes odd box sizes, got {k}")
+        h = k // 2
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (h + 1, h)
+        c = np.cumsum(np.pad(out, pad, mode="edge"), axis=axis)
+        n = out.shape[axis]
+        hi = np.take(c, np.arange(k, k + n), axis=axis)
+        lo = np.take(c, np.arange(0, n), axis=axis)
+        out = (hi - lo) / k
+    return out.astype(np.asarray(a).dtype if np.issubdtype(np.asarray(a).dtype, np.floating) else np.float64)
+
+
 def _linear_taps(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For 1-D sample positions: the two neighbouring indices, the upper one's weight, and
     whether each position is inside [0, n - 1] (mode 'constant' gives cval outside)."""
