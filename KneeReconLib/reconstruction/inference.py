@@ -487,6 +487,10 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
     if isinstance(lateral, (str, os.PathLike)):
         lateral = read_xray(os.fspath(lateral), "lateral", pixel_spacing, sid, sod, side_)
     vc = check_views(ap_source, lateral_source, ap, lateral, views_as_given)
+    if side is None and vc is not None and vc.side_seen:
+        # the AP image's own side as the first guess: a cone-beam pair (whose lateral source side
+        # changes the geometry) is then rarely reconstructed twice; the fibula still decides below
+        side_ = vc.side_seen
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     rec = Reconstructor(model, device, style=style, tta=tta, backend=backend, ensemble=ensemble)
