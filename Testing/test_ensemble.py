@@ -22,7 +22,8 @@ def _dice_on_truth(folder):
 
 
 @pytest.mark.xfail(strict=True, reason="the bundled ChenNet member was trained on procedural phantoms only and not retrained "
-                   "for U-Net 0.4.0: on the sample the ensemble's mean Dice is 0.849 against 0.862 for the U-Net alone")
+                   "for U-Net 0.4.0 or 0.5.0: on the sample (measured with 0.4.0) the ensemble's mean Dice is 0.849 against "
+                   "0.862 for the U-Net alone")
 def test_ensemble_reconstructs_the_sample(tmp_path):
     args = ["reconstruct", "--ap", os.path.join(SAMPLE, "ap.nrrd"), "--lateral", os.path.join(SAMPLE, "lateral.nrrd"),
             "--side", "left"]

@@ -36,58 +36,64 @@ def exact(subject: int) -> LLP26Config:
     return LLP26Config(subjects=(subject,), pca_p=0.0, warp_mm=(0.0, 0.0), scale=(1.0, 1.0))
 
 
-def build(out: str, poses: int, voxel: float) -> None:
+def held_out_knees(poses: int, voxel: float, first_pose: int = 0):
+    """(geometry name, subject, seed, config, geometry sampler) of every held-out knee: each test
+    subject in `poses` poses (sides alternating) per geometry; nothing is generated yet."""
     for name, cone_p in GEOMETRIES.items():
-        folder = f"{out}_{name}"
-        os.makedirs(folder, exist_ok=True)
         geo = GeometryConfig(cone_p=cone_p, collimate_p=0.0, bone_slope=(1.2, 1.2))
         for subject in TEST_SUBJECTS:
             for k in range(poses):
-                seed = SEED0 + 1000 * subject + k
-                path = os.path.join(folder, f"xs_s{subject:02d}_{seed}.npz")
-                if os.path.exists(path):
-                    continue
                 cfg = exact(subject)
                 cfg.voxel_mm = voxel
                 cfg.side = "left" if k % 2 else "right"
-                ph = generate_llp26_phantom(seed, cfg)
-                da, dl, drawn = geo.sample(ph.ct, cfg.side, np.random.default_rng([seed, 11]))
-                case = case_from_ct(ph.ct, ph.labels, 128, da, {**ph.params, "geometry": drawn, "config": cfg.to_dict()},
-                                    lateral_drr=dl)
-                save_case(case, path)
-                print(f"cached {path}", flush=True)
+                yield name, subject, SEED0 + 1000 * subject + first_pose + k, cfg, geo
+
+
+def knee_and_views(seed: int, cfg: LLP26Config, geo: GeometryConfig):
+    """(phantom, AP DRR config, lateral DRR config, what the geometry drew) of one held-out knee."""
+    ph = generate_llp26_phantom(seed, cfg)
+    da, dl, drawn = geo.sample(ph.ct, cfg.side, np.random.default_rng([seed, 11]))
+    return ph, da, dl, drawn
+
+
+def build(out: str, poses: int, voxel: float) -> None:
+    for name, subject, seed, cfg, geo in held_out_knees(poses, voxel):
+        folder = f"{out}_{name}"
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"xs_s{subject:02d}_{seed}.npz")
+        if os.path.exists(path):
+            continue
+        ph, da, dl, drawn = knee_and_views(seed, cfg, geo)
+        case = case_from_ct(ph.ct, ph.labels, 128, da, {**ph.params, "geometry": drawn, "config": cfg.to_dict()},
+                            lateral_drr=dl)
+        save_case(case, path)
+        print(f"cached {path}", flush=True)
 
 
 def files(out: str, poses: int, voxel: float) -> None:
     """Cases as a user has them: ap.nrrd and lateral.nrrd (cone geometry in the header), the truth
-    label map at `voxel` mm and meta.json, one folder per case, parallel and cone beam."""
+    label map at `voxel` mm and meta.json (written last: a folder without it is redone), one folder
+    per case, parallel and cone beam."""
     import SimpleITK as sitk
 
     from KneeReconLib.data.drr import render_drr
     from KneeReconLib.io.fileio import atomic_write_image, atomic_write_json
     from KneeReconLib.io.xray_io import write_xray
 
-    for name, cone_p in GEOMETRIES.items():
-        geo = GeometryConfig(cone_p=cone_p, collimate_p=0.0, bone_slope=(1.2, 1.2))
-        for subject in TEST_SUBJECTS:
-            for k in range(poses):
-                seed = SEED0 + 1000 * subject + 500 + k  # poses of their own, not those of `build`
-                folder = os.path.join(out, f"{name}_s{subject:02d}_{seed}")
-                if os.path.exists(os.path.join(folder, "meta.json")):
-                    continue
-                os.makedirs(folder, exist_ok=True)
-                cfg = exact(subject)
-                cfg.voxel_mm = voxel
-                cfg.side = "left" if k % 2 else "right"
-                ph = generate_llp26_phantom(seed, cfg)
-                da, dl, drawn = geo.sample(ph.ct, cfg.side, np.random.default_rng([seed, 11]))
-                for view, drr in (("ap", da), ("lateral", dl)):
-                    pixels, g = render_drr(ph.ct, replace(drr, views=(view,)))[view]
-                    write_xray(pixels, g, os.path.join(folder, f"{view}.nrrd"))
-                atomic_write_image(sitk.Cast(ph.labels, sitk.sitkUInt8), os.path.join(folder, "truth.nii.gz"))
-                atomic_write_json({"side": cfg.side, "subject": subject, "seed": seed, "geometry": drawn},
-                                  os.path.join(folder, "meta.json"))
-                print(f"wrote {folder}", flush=True)
+    # poses of their own (500 on), not those of `build`
+    for name, subject, seed, cfg, geo in held_out_knees(poses, voxel, first_pose=500):
+        folder = os.path.join(out, f"{name}_s{subject:02d}_{seed}")
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            continue
+        os.makedirs(folder, exist_ok=True)
+        ph, da, dl, drawn = knee_and_views(seed, cfg, geo)
+        for view, drr in (("ap", da), ("lateral", dl)):
+            pixels, g = render_drr(ph.ct, replace(drr, views=(view,)))[view]
+            write_xray(pixels, g, os.path.join(folder, f"{view}.nrrd"))
+        atomic_write_image(sitk.Cast(ph.labels, sitk.sitkUInt8), os.path.join(folder, "truth.nii.gz"))
+        atomic_write_json({"side": cfg.side, "subject": subject, "seed": seed, "geometry": drawn},
+                          os.path.join(folder, "meta.json"))
+        print(f"wrote {folder}", flush=True)
 
 
 def baseline(data: list[str], out: str | None) -> dict:

@@ -16,19 +16,17 @@ import SimpleITK as sitk
 
 from ..core.geometry import ReconGrid
 from ..core.labels import BONES
+from ..core.ndfilters import bounding_box
 
 NO_BONE = -1.0e3  # margin outside a bone's neighbourhood: never that bone
 
 
 def _bbox(mask: np.ndarray, pad: int) -> tuple[slice, ...] | None:
     """Slices of a mask's bounding box grown by `pad` voxels (clipped to the array); None if empty."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + pad + 1, mask.shape[axis])))
-    return tuple(box)
+    box = bounding_box(mask)
+    if box is None:
+        return None
+    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(box, mask.shape))
 
 
 def bone_margin(scores: np.ndarray, bone: int, box: tuple[slice, ...]) -> np.ndarray:
