@@ -30,31 +30,45 @@ def main():
     p.add_argument("--test", nargs="+", default=[os.path.join(ROOT, "cache", "test")])
     p.add_argument("--realism-p", type=float, default=0.5, help="radiograph simulator share, as in the main training")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0 = off)")
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--ckpt-every", type=int, default=0, help="resumable checkpoint interval (0 = only at the end)")
+    p.add_argument("--only", type=float, default=None,
+                   help="train only the arm with this lambda (0 or --lam), e.g. to run the two arms as two processes; "
+                        "a later run without --only finds both models and only evaluates")
     a = p.parse_args()
     results = {}
-    for lam in (0.0, a.lam):
+    arms = (0.0, a.lam) if a.only is None else (a.only,)
+    for lam in arms:
         out = os.path.join(a.out, f"lambda_{lam:g}")
-        cfg = TrainConfig(data=list(a.train), out=out, steps=a.steps, batch_size=1, lr=2e-4, warmup_steps=20,
-                          crop=(a.slab, 128, 128), ngcc_lambda=lam, init_from=a.init, ckpt_every=a.steps, log_every=25,
-                          seed=11, threads=a.threads, workers=0)
+        cfg = TrainConfig(data=list(a.train), out=out, steps=a.steps, batch_size=1, lr=a.lr, warmup_steps=a.warmup,
+                          crop=(a.slab, 128, 128), ngcc_lambda=lam, init_from=a.init, ema_decay=a.ema,
+                          ckpt_every=a.ckpt_every or a.steps, log_every=25, seed=a.seed, threads=a.threads, workers=0)
         cfg.augment["realism_p"] = a.realism_p
         model = os.path.join(out, "model.pt")
-        if not os.path.exists(model):  # an arm that already ran is not trained again
-            model = train(cfg, log=lambda m: print(m, flush=True))
+        if not os.path.exists(model):  # an arm that already ran is not trained again; an interrupted one resumes
+            model = train(cfg, resume=True, log=lambda m: print(m, flush=True))
+    if a.only is not None:
+        return
+    # the starting model is scored too: an arm that does not beat it says more than the two arms' difference
+    rows = [("start", a.init)] + [(f"lambda {lam:g}", os.path.join(a.out, f"lambda_{lam:g}", "model.pt")) for lam in arms]
+    for label, model in rows:
         for test in a.test:
             name = os.path.basename(os.path.normpath(test))
             res = evaluate_model(model, [test], log=lambda m: None)
-            results.setdefault(name, {})[lam] = {"cases": res["n_cases"], **{k: v["mean"] for k, v in res["summary"].items()}}
+            results.setdefault(name, {})[label] = {"cases": res["n_cases"], **{k: v["mean"] for k, v in res["summary"].items()}}
     print(f"\nNGCC ablation: fine-tune {a.steps} steps from {os.path.basename(a.init)}, {a.slab}x128x128 slabs")
     for name, arms in results.items():
         print(f"\n{name} ({next(iter(arms.values()))['cases']} cases)")
         print(f"{'':12s}" + "".join(f"{'Dice ' + b:>14s}" for b in BONE_NAMES) + "".join(f"{'ASSD ' + b:>14s}" for b in BONE_NAMES))
-        for lam, r in arms.items():
-            print(f"{'lambda ' + format(lam, 'g'):12s}" + "".join(f"{r['dice_' + b]:14.4f}" for b in BONE_NAMES)
+        for label, r in arms.items():
+            print(f"{label:12s}" + "".join(f"{r['dice_' + b]:14.4f}" for b in BONE_NAMES)
                   + "".join(f"{r['assd_' + b]:14.3f}" for b in BONE_NAMES))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
-        json.dump({name: {str(k): v for k, v in arms.items()} for name, arms in results.items()}, f, indent=1)
+        json.dump({"init": os.path.basename(a.init), "steps": a.steps, "lr": a.lr, "ema": a.ema, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

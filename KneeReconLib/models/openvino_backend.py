@@ -33,17 +33,24 @@ def import_openvino():
     images on machines that are often offline (where the wait lengthens each command). OpenVINO
     falls back to its own no-op stub where openvino_telemetry cannot be imported, so it is made
     unimportable while openvino is first imported, and importable again afterwards (nothing else
-    in the process is affected). KNEERECON_OPENVINO_TELEMETRY=1 leaves OpenVINO's default alone."""
+    in the process is affected). KNEERECON_OPENVINO_TELEMETRY=1 leaves OpenVINO's default alone.
+
+    The model converter (openvino.tools.ovc, which `import openvino` loads for `convert_model`) is
+    kept out the same way: inference never needs it and it is a tenth of the command's import time;
+    `convert` imports it itself."""
     if "openvino" in sys.modules or "openvino_telemetry" in sys.modules or \
             os.environ.get("KNEERECON_OPENVINO_TELEMETRY") == "1":
         import openvino
         return openvino
-    sys.modules["openvino_telemetry"] = None
+    blocked = [m for m in ("openvino_telemetry", "openvino.tools.ovc") if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None
     try:
         import openvino
     finally:
-        if "openvino_telemetry" in sys.modules and sys.modules["openvino_telemetry"] is None:
-            del sys.modules["openvino_telemetry"]
+        for m in blocked:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
     return openvino
 
 
@@ -137,12 +144,13 @@ def _use_depth_to_space(model) -> None:
 def convert(net, shape: tuple[int, ...], source_sha256: str):
     """An openvino.Model of the torch module `net` (fp32, eval mode; labels out) for inputs of
     `shape` [1, C, z, y, x]."""
-    import openvino as ov
     import torch
+    from openvino.tools.ovc import convert_model
 
+    ov = import_openvino()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the converter traces with torch.jit, which warns of its deprecation
-        model = ov.convert_model(_labels_module(net.float().eval()), example_input=torch.zeros(shape))
+        model = convert_model(_labels_module(net.float().eval()), example_input=torch.zeros(shape))
     model.reshape(ov.PartialShape(list(shape)))  # static: the CPU plugin plans memory once
     _use_depth_to_space(model)
     model.set_rt_info(source_sha256, RT_KEY)

@@ -23,6 +23,7 @@ from ..io import resources
 from ..io.preprocessing import collimated_border, fill_collimation, normalize_intensity
 from ..io.xray_io import XRay, read_xray, with_side
 from ..models.model_card import network_divisor, reconstruction_card
+from ..models.network import cpu_has_fast_bf16  # noqa: F401 - re-exported (bench/)
 from . import quality
 from .refine import finer_grid, refine_labels
 from .surfaces import bone_surface, clean_labels
@@ -132,17 +133,6 @@ LONG_IMAGE_MM = 300.0  # taller views are cropped to a window around the knee
 KNEE_WINDOW_MM = 220.0
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16/AMX); elsewhere bf16 would be
-    emulated and slower than fp32, so inference falls back to fp32."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 BACKENDS = ("auto", "torch", "openvino")
 
 
@@ -209,8 +199,8 @@ class Reconstructor:
         in_channels = int(self.card.get("architecture", {}).get("in_channels", 2))
         if self.backend == "openvino":
             from ..models import openvino_backend
-            import openvino as ov
 
+            ov = openvino_backend.import_openvino()  # without telemetry and the model converter
             core = ov.Core()
             bf16 = amp and openvino_backend.native_bf16(core)
             # the network for a conversion, built only when no IR made from this model file exists

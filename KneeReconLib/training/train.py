@@ -25,12 +25,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.errors import KneeReconError
+from ..core.geometry import ReconGrid, ViewGeometry
 from ..core.labels import BONE_NAMES, label_table
 from ..data.dataset import AugmentConfig, Case, load_case, make_sample, phantom_case
 from ..evaluation.metrics import dice_per_class
 from ..models.checkpoint import read_model_file, save_model
 from ..models.factory import build_network
-from ..models.network import UNetConfig, to_channels_last
+from ..models.network import UNetConfig, cpu_has_fast_bf16, to_channels_last
 from .losses import ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 
 
@@ -114,12 +115,31 @@ class TrainSamples(Dataset):
         x, y = make_sample(case, rng, self.aug)
         grid = case.grid()
         spacing_zyx = grid.spacing[::-1]
+        ap_m, lat_m = field_masks(grid, case.ap_geom, case.lat_geom)  # no draw from rng: samples stay as they were
         crop = _crop_shape(self.cfg, int(i))
         if crop:
-            x, y = _crop(x, y, crop, rng, self.cfg.foreground_crop_p)
+            x, y, (sz, sy, sx) = _crop(x, y, crop, rng, self.cfg.foreground_crop_p)
+            ap_m, lat_m = ap_m[sz, sx], lat_m[sz, sy]
         w = surface_weights(y, spacing_zyx, self.cfg.wce_w0, self.cfg.wce_sigma_mm)
         return (torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)),
-                torch.from_numpy(w), torch.tensor(grid.spacing, dtype=torch.float32))
+                torch.from_numpy(w), torch.tensor(grid.spacing, dtype=torch.float32),
+                torch.from_numpy(np.ascontiguousarray(ap_m)), torch.from_numpy(np.ascontiguousarray(lat_m)))
+
+
+def field_masks(grid: ReconGrid, ap: ViewGeometry, lateral: ViewGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Where each view's detector sees the grid's central plane: AP [z, x] (plane y = centre),
+    lateral [z, y] (plane x = centre), bool. A collimated image covers only part of the grid; the
+    NGCC loss compares the image and the projection only inside it (outside, the input channel
+    holds the image's edge value, which says nothing about the bones there)."""
+    xs, ys, zs = (grid.axis(a) for a in range(3))
+    cy, cx = float(np.mean(ys)), float(np.mean(xs))
+    out = []
+    for view, u in ((ap, xs), (lateral, ys)):
+        uu, zz = np.meshgrid(u, zs)  # [z, u]
+        pts = (uu, np.full_like(uu, cy), zz) if view.view == "ap" else (np.full_like(uu, cx), uu, zz)
+        col, row = view.project(*pts)
+        out.append((col >= 0) & (col <= view.width - 1) & (row >= 0) & (row <= view.height - 1))
+    return out[0], out[1]
 
 
 def _crop_shape(cfg: TrainConfig, index: int) -> tuple[int, int, int] | None:
@@ -146,7 +166,7 @@ def _crop(x, y, crop, rng, fg_p):
     else:
         start = [int(rng.integers(0, n - s + 1)) for s, n in zip(size, shape)]
     sl = tuple(slice(a, a + s) for a, s in zip(start, size))
-    return x[(slice(None),) + sl], y[sl]
+    return x[(slice(None),) + sl], y[sl], sl
 
 
 class StepSampler(Sampler):
@@ -359,6 +379,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
         cfg = TrainConfig(**{**cfg.__dict__, "workers": 0})
     amp_dtype = _amp_dtype(device)
     dev_type = device.split(":")[0]
+    if cfg.amp and dev_type == "cpu" and not cpu_has_fast_bf16():
+        log("note: this CPU has no native bf16: training in fp32 (bf16 autocast would be emulated, ~15x slower)")
+        cfg = TrainConfig(**{**cfg.__dict__, "amp": False})
 
     step = start
     skipped = 0
@@ -372,7 +395,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
         ds = TrainSamples(cfg, None if source is None else list(source.paths))
         loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=StepSampler(step, chunk_end, cfg.batch_size, rank, world),
                             num_workers=cfg.workers, persistent_workers=False, prefetch_factor=2 if cfg.workers else None)
-        for x, y, w, spacing in loader:
+        for x, y, w, spacing, ap_mask, lat_mask in loader:
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             x, y, w = x.to(device), y.to(device), w.to(device)
@@ -386,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 loss = loss + cfg.dice_weight * soft_dice_loss(logits, y)
             ng = torch.zeros(())
             if cfg.ngcc_lambda > 0 and x.shape[-1] >= cfg.grid_size and x.shape[-2] >= cfg.grid_size:
-                ng = ngcc_loss(logits, x, tuple(spacing[0].tolist()))
+                ng = ngcc_loss(logits, x, tuple(spacing[0].tolist()), (ap_mask.to(device), lat_mask.to(device)))
                 loss = loss + cfg.ngcc_lambda * ng
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
