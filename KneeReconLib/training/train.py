@@ -31,7 +31,8 @@ from ..data.dataset import AugmentConfig, Case, load_case, make_sample, phantom_
 from ..evaluation.metrics import dice_per_class
 from ..models.checkpoint import read_model_file, save_model
 from ..models.factory import build_network
-from ..models.network import UNetConfig, cpu_has_fast_bf16, to_channels_last
+from ..models.cpu_features import cpu_has_fast_bf16
+from ..models.network import UNetConfig, to_channels_last
 from .losses import ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 
 
