@@ -15,6 +15,8 @@ set(KNEERECON_BUNDLED_RESOURCES
   Models/kneerecon_unet.pt
   Models/kneerecon_unet.openvino.xml
   Models/kneerecon_unet.openvino.bin
+  Models/kneerecon_unet.int8.openvino.xml
+  Models/kneerecon_unet.int8.openvino.bin
   Models/kneerecon_chen.pt
   Models/kneerecon_style.pt
   Models/kneerecon_views.npz

@@ -278,6 +278,15 @@ def cmd_export_openvino(a) -> int:
     from .models.openvino_backend import export_ir
     from .reconstruction.inference import DEFAULT_MODEL
 
+    if a.int8:
+        from .models.quantize import quantize_ir
+
+        if not a.calibration:
+            raise KneeReconError("--int8 needs --calibration: folders of cached training cases (kneerecon cache)")
+        path = quantize_ir(a.model or DEFAULT_MODEL, a.calibration, a.calibration_count, a.output)
+        print(f"wrote {path} and {path[:-4]}.bin (int8 OpenVINO IR; used by reconstruct on CPUs without native bf16 "
+              "when it sits beside the model file)")
+        return 0
     path = export_ir(a.model or DEFAULT_MODEL, a.output, a.grid_size)
     print(f"wrote {path} and {path[:-4]}.bin (OpenVINO IR; used by reconstruct when it sits beside the model file)")
     return 0
@@ -524,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     ox.add_argument("--model", help="model file (default: the bundled model)")
     ox.add_argument("--output", help="IR .xml path (default: beside the model file)")
     ox.add_argument("--grid-size", type=int, help="grid of the input (default: the model card's)")
+    ox.add_argument("--int8", action="store_true",
+                    help="write the int8 IR (<model>.int8.openvino.xml) by post-training quantization instead "
+                         "(needs nncf; used on CPUs without native bf16)")
+    ox.add_argument("--calibration", nargs="+", help="with --int8: folders of cached training cases (kneerecon cache)")
+    ox.add_argument("--calibration-count", type=int, default=20, help="with --int8: calibration inputs (default 20)")
     ox.set_defaults(func=cmd_export_openvino)
 
     bs = sub.add_parser("build-ssm", help="build the statistical shape models (PCA of bone SDFs) for the ssm methods")

@@ -68,6 +68,7 @@ LIMITS: dict[str, Limit] = {
     "workers": Limit(0, 256, integer=True),  # train: data-loader processes, 0 = in the main process
     "threads": Limit(0, 1024, integer=True),
     "count": COUNT,
+    "calibration_count": Limit(1, 10_000, integer=True),
     "seed": Limit(0, 2**32 - 1, integer=True),
     "collimate_p": PROBABILITY,
     "steps": POSITIVE_COUNT,

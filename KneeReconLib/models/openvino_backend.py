@@ -76,6 +76,20 @@ def beside_model(model_path: str) -> str:
     return os.path.splitext(model_path)[0] + ".openvino.xml"
 
 
+def int8_beside_model(model_path: str) -> str:
+    """The int8 IR that scripts/quantize_model.py writes: <model stem>.int8.openvino.xml. Its weights
+    and activations are quantized (post-training, calibrated on training-set inputs); it carries the
+    same source checksum as the float IR, so it is used only with the model file it was made from."""
+    return os.path.splitext(model_path)[0] + ".int8.openvino.xml"
+
+
+def find_int8_ir(core, model_path: str, sha: str | None = None):
+    """(path, openvino.Model) of the int8 IR made from this model file, or (None, None)."""
+    path = int8_beside_model(model_path)
+    model = _read_if_matching(core, path, sha or file_sha256(model_path))
+    return (path, model) if model is not None else (None, None)
+
+
 def cache_folder() -> str:
     """$KNEERECON_CACHE/openvino, else ~/.cache/kneerecon/openvino."""
     root = os.environ.get("KNEERECON_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kneerecon")
@@ -225,7 +239,13 @@ class OpenVINONetwork:
         self.threads = threads
         self.source = os.path.abspath(model_path)
         sha = file_sha256(self.source)
-        self.ir_path, self.model = find_ir(self.core, self.source, sha)
+        self.ir_path, self.model = None, None
+        if precision == "int8":  # the quantized IR (its float parts run in f32), if made from this model file
+            self.ir_path, self.model = find_int8_ir(self.core, self.source, sha)
+            if self.model is None:  # none, or one of another model file: the float IR in f32
+                self.precision = "f32"
+        if self.model is None:
+            self.ir_path, self.model = find_ir(self.core, self.source, sha)
         if self.model is None:
             if net is None:
                 raise KneeReconError(conversion_help(self.source))
@@ -243,7 +263,8 @@ class OpenVINONetwork:
         if shape not in self.compiled:
             model = self.model
             current = model.input(0).get_partial_shape()
-            config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+            hint = "f32" if self.precision == "int8" else self.precision
+            config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
             if self.threads:
                 config["INFERENCE_NUM_THREADS"] = self.threads
             if not current.is_static or tuple(current.to_shape()) != shape:
