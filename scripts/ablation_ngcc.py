@@ -57,7 +57,7 @@ def main():
     for label, model in rows:
         for test in a.test:
             name = os.path.basename(os.path.normpath(test))
-            res = evaluate_model(model, [test], log=lambda m: None)
+            res = evaluate_model(model, [test], log=lambda m: None, amp=False)  # f32 for every row (no int8 IR beside the arms)
             results.setdefault(name, {})[label] = {"cases": res["n_cases"], **{k: v["mean"] for k, v in res["summary"].items()}}
     print(f"\nNGCC ablation: fine-tune {a.steps} steps from {os.path.basename(a.init)}, {a.slab}x128x128 slabs")
     for name, arms in results.items():
