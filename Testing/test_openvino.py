@@ -46,7 +46,7 @@ def test_bundled_ir_belongs_to_the_bundled_model_and_agrees_with_fp32(sample_vol
 def test_bundled_int8_ir_is_used_without_native_bf16_and_agrees(sample_volume):
     """The int8 IR (quantized from the bundled model) is the default on CPUs without native bf16,
     and gives the float IR's labels on nearly every voxel of the sample (Dice on the held-out
-    tests within 0.002: MODEL_CARD.md)."""
+    tests within 0.003: MODEL_CARD.md)."""
     int8 = openvino_backend.int8_beside_model(MODEL)
     assert os.path.exists(int8) and os.path.exists(int8[:-4] + ".bin")
     core = openvino_backend.import_openvino().Core()

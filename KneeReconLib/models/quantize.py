@@ -2,7 +2,7 @@
 
 On such CPUs (AVX2 only, e.g. many AMD EPYC and older Intel machines) OpenVINO runs the U-Net in
 f32, which alone takes longer than the whole command's 1.5 s target; the int8 IR runs about 1.8x
-faster with Dice within 0.002 on the held-out tests (MODEL_CARD.md). Calibration inputs are the
+faster with held-out Dice within 0.003 of f32 (MODEL_CARD.md). Calibration inputs are the
 network's own inputs (back-projected volumes) made from cached *training* cases, half of them
 through the radiograph simulator, so the activation ranges cover both clean DRRs and realistic
 images. NNCF (Apache-2.0) is needed only here, never at inference: `pip install nncf==3.4.0`."""

@@ -175,7 +175,7 @@ def openvino_threads() -> int:
 def openvino_precision(core, model_path: str, amp: bool) -> str:
     """The OpenVINO precision for this model on this CPU: with `amp`, bf16 where the CPU runs it
     natively (AVX512-BF16/AMX), else the model's int8 IR where one exists (about 1.8x faster than
-    f32 on an AVX2 CPU, Dice within 0.002: MODEL_CARD.md), else f32; without `amp`, f32."""
+    f32 on an AVX2 CPU, held-out Dice within 0.003: MODEL_CARD.md), else f32; without `amp`, f32."""
     from ..models import openvino_backend
 
     if not amp:
