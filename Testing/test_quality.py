@@ -212,14 +212,14 @@ def test_combined_score_in_words():
            "interior_margin": 0.7}
     assert quality.score(model, good)[0] < 0.05
     p, top = quality.score(model, bad)
-    assert p > 0.9 and top == ["agreement_lateral", "interior_margin"]
+    assert p > 0.9 and top == ["its outline's fit to the lateral image (low)", "the network's margin over the whole bone (low)"]
     m = {b: {"outline": {}, "volume_ml": v, "cross_section_cm2": c} for b, v, c in
          (("femur", 200.0, 20.0), ("patella", 20.0, 7.0), ("tibia", 180.0, 18.0), ("fibula", 25.0, 2.0))}
     m["fibula"].update(bad)
     q = quality.judge(m, quality.QualityConfig(score={"fibula": model}))
     assert q["bones"]["fibula"]["verdict"] == "review" and q["bones"]["femur"]["verdict"] == "ok"
     assert "fibula: the combined check puts it among poor reconstructions" in q["reasons"][0]
-    assert "its outline's fit to the lateral image" in q["reasons"][0]
+    assert "mostly its outline's fit to the lateral image (low) and the network's margin" in q["reasons"][0]
 
 
 def test_outline_shape_sees_thin_and_short_bones():
@@ -235,7 +235,7 @@ def test_outline_shape_sees_thin_and_short_bones():
     thin[20:100, 33:47] = True
     short = np.zeros_like(exact)
     short[20:75, 30:50] = True
-    e, t, s = (quality.outline_shape(g, m, 1.0, 3, 2, 0.2) for m in (exact, thin, short))
+    e, t, s = (quality.outline_shape(g, m, quality._edge_band(m, 1.0, 3), 2.0, 0.2) for m in (exact, thin, short))
     assert e["grow"] < 0 and e["shrink"] < 0 and e["ends"] > 0.8
     assert t["grow"] > 0.1
     assert s["ends"] < e["ends"] - 0.3

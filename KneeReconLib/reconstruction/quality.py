@@ -178,13 +178,15 @@ def load_config(model_path: str, sha256: str | None = None) -> tuple[QualityConf
     return cfg, info
 
 
-# the numbers the combined score reads (score_features), in words for its reasons
+# the numbers the combined score reads (score_features), in words for its reasons; the reason says
+# whether the value was low or high against the calibration knees
 FEATURE_WORDS = {
     "agreement_ap": "its outline's fit to the AP image", "agreement_lateral": "its outline's fit to the lateral image",
     "ends_ap": "the fit of its ends to the AP image", "ends_lateral": "the fit of its ends to the lateral image",
-    "grow_ap": "a wider outline fitting the AP image better", "grow_lateral": "a wider outline fitting the lateral image better",
-    "shrink_ap": "a narrower outline fitting the AP image better",
-    "shrink_lateral": "a narrower outline fitting the lateral image better",
+    "grow_ap": "the fit gained by a wider outline on the AP image",
+    "grow_lateral": "the fit gained by a wider outline on the lateral image",
+    "shrink_ap": "the fit gained by a narrower outline on the AP image",
+    "shrink_lateral": "the fit gained by a narrower outline on the lateral image",
     "margin": "the network's margin at its surface", "interior_margin": "the network's margin over the whole bone",
     "log_cross_section": "its mean cross-section", "consistency": "its agreement with a perturbed second pass"}
 
@@ -206,8 +208,9 @@ def score_features(m: dict) -> dict:
 
 
 def score(model: dict, m: dict) -> tuple[float, list[str]]:
-    """(probability that the bone's Dice is below 0.8, the features that raise it most) by one
-    bone's logistic model; a feature not measured counts as its calibration mean."""
+    """(probability that the bone's Dice is below 0.8, in words the two numbers that raise it
+    most, e.g. "the network's margin at its surface (low)") by one bone's logistic model; a
+    number not measured counts as its calibration mean."""
     f = score_features(m)
     z = model["intercept"]
     parts = []
@@ -215,9 +218,9 @@ def score(model: dict, m: dict) -> tuple[float, list[str]]:
         v = f.get(name)
         t = 0.0 if v is None else c * (v - mu) / sd
         z += t
-        parts.append((t, name))
+        parts.append((t, f"{FEATURE_WORDS.get(name, name)} ({'low' if v is not None and v < mu else 'high'})"))
     p = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, z))))
-    return p, [n for t, n in sorted(parts, reverse=True)[:2] if t > 0]
+    return p, [w for t, w in sorted(parts, reverse=True)[:2] if t > 0]
 
 
 def _check_view(view: ViewGeometry, pixel_mm: float) -> tuple[ViewGeometry, float]:
@@ -248,18 +251,14 @@ def _correlate_valid(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
 
 
 def outline_agreement(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.ndarray, sigma_px: float,
-                      border_px: int, max_shift_px: int) -> dict | None:
+                      border_px: int, max_shift_px: int, edges: tuple | None = None) -> dict | None:
     """Normalised gradient correlation between an image and a bone's blurred silhouette, around
     the silhouette's outline, at zero shift and at the best shift within `max_shift_px`.
-    `image_grad`: (d/drow, d/dcol) of the blurred image. None where the outline is not in view."""
+    `image_grad`: (d/drow, d/dcol) of the blurred image; `edges`: the silhouette's `_edge_band`,
+    where the caller has it. None where the outline is not in view."""
     if silhouette is None or not silhouette.any():
         return None
-    m = ndfilters.gaussian_filter(silhouette.astype(np.float32), sigma_px)
-    gm = np.gradient(m)
-    mag = np.hypot(*gm)
-    band = mag > 0.1 * mag.max()
-    if border_px:
-        band[:border_px], band[-border_px:], band[:, :border_px], band[:, -border_px:] = False, False, False, False
+    gm, band = edges if edges is not None else _edge_band(silhouette, sigma_px, border_px)
     if band.sum() < 10:
         return None
     gm = [g * band for g in gm]
@@ -306,41 +305,46 @@ def _ncc(gi, gm, band: np.ndarray) -> float | None:
     return float((a0 * b0 + a1 * b1).sum()) / den
 
 
-def outline_shape(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.ndarray, sigma_px: float,
-                  border_px: int, width_px: int, end_fraction: float) -> dict:
+def _sample_points(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """image at the points (rows[i], cols[i]), bilinear, the edge values continued outside."""
+    h, w = image.shape
+    r = np.clip(rows, 0, h - 1)
+    c = np.clip(cols, 0, w - 1)
+    r0, c0 = np.minimum(r.astype(int), h - 2), np.minimum(c.astype(int), w - 2)
+    fr, fc = r - r0, c - c0
+    top = image[r0, c0] * (1 - fc) + image[r0, c0 + 1] * fc
+    bottom = image[r0 + 1, c0] * (1 - fc) + image[r0 + 1, c0 + 1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+def outline_shape(image_grad: tuple[np.ndarray, np.ndarray], silhouette: np.ndarray, edges: tuple,
+                  width_px: float, end_fraction: float) -> dict:
     """What the outline agreement at zero shift misses in a bone a little too thin or too short:
-    `grow` / `shrink`: the agreement of the silhouette grown / shrunk by `width_px` minus that of
-    the silhouette itself (positive: the image's edges lie outside / inside the outline);
-    `ends`: the lower of the agreements on the top and bottom `end_fraction` of the silhouette's
-    rows (a bone ending short of the image's bone ends there on no edge). Computed on the
-    silhouette's box widened by the blur and the width, which is all that changes."""
-    rows, cols = np.nonzero(silhouette.any(axis=1))[0], np.nonzero(silhouette.any(axis=0))[0]
-    pad = width_px + int(np.ceil(4 * sigma_px)) + 2
-    H, W = silhouette.shape
-    r0, r1 = max(0, rows[0] - pad), min(H, rows[-1] + pad + 1)
-    c0, c1 = max(0, cols[0] - pad), min(W, cols[-1] + pad + 1)
-    sil = silhouette[r0:r1, c0:c1]
-    gi = [g[r0:r1, c0:c1] for g in image_grad]
-    # the image border stays where it is in the cropped box
-    def no_border(band):
-        rr, cc = np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :]
-        return band & (rr >= border_px) & (rr < H - border_px) & (cc >= border_px) & (cc < W - border_px)
-    gm, band = _edge_band(sil, sigma_px, 0)
-    band = no_border(band)
-    base = _ncc(gi, gm, band)
+    `grow` / `shrink`: the agreement of the outline moved `width_px` outward / inward along its
+    own normal, minus the agreement where it is (positive: the image's edges lie outside /
+    inside the outline: the bone is too thin / too thick; the image gradients sampled at the
+    moved outline, no second blur); `ends`: the lower of the agreements on the top and bottom
+    `end_fraction` of the silhouette's rows (a bone ending short of the image's bone ends there
+    on no edge). `edges`: the silhouette's `_edge_band`."""
+    gm, band = edges
     out = {"ends": None, "grow": None, "shrink": None}
+    base = _ncc(image_grad, gm, band)
     if base is None:
         return out
-    for key, changed in (("grow", ndfilters.binary_dilation(sil, width_px)),
-                         ("shrink", ndfilters.binary_erosion(sil, width_px, border_value=True))):
-        if changed.any():
-            g2, b2 = _edge_band(changed, sigma_px, 0)
-            v = _ncc(gi, g2, no_border(b2))
-            out[key] = None if v is None else round(v - base, 4)
-    top, bottom = rows[0] - r0, rows[-1] - r0
-    span = max(1.0, (bottom - top) * end_fraction)
-    rr = np.arange(r1 - r0)[:, None]
-    ends = [_ncc(gi, gm, band & sel) for sel in (rr <= top + span, rr >= bottom - span)]
+    r, c = np.nonzero(band)
+    b0, b1 = gm[0][r, c], gm[1][r, c]
+    norm = np.maximum(np.hypot(b0, b1), 1e-12)
+    n0, n1 = b0 / norm, b1 / norm  # the inward normal (the blurred silhouette rises inward)
+    den_m = float((b0 * b0 + b1 * b1).sum())
+    for key, sign in (("grow", -1.0), ("shrink", 1.0)):
+        rr, cc = r + sign * width_px * n0, c + sign * width_px * n1
+        a0, a1 = (_sample_points(g, rr, cc) for g in image_grad)
+        den = np.sqrt(max(float((a0 * a0 + a1 * a1).sum()), 1e-12) * max(den_m, 1e-12))
+        out[key] = round(float((a0 * b0 + a1 * b1).sum()) / float(den) - base, 4)
+    rows = np.nonzero(silhouette.any(axis=1))[0]
+    span = max(1.0, (rows[-1] - rows[0]) * end_fraction)
+    rr = np.arange(silhouette.shape[0])[:, None]
+    ends = [_ncc(image_grad, gm, band & sel) for sel in (rr <= rows[0] + span, rr >= rows[-1] - span)]
     ends = [e for e in ends if e is not None]
     out["ends"] = round(min(ends), 4) if ends else None
     return out
@@ -451,15 +455,16 @@ def measure(labels: np.ndarray, grid: ReconGrid, ap: XRay, lateral: XRay, latera
         g = np.gradient(ndfilters.gaussian_filter(img, sigma_px))
         k = max(1, int(round(cfg.max_shift_mm / px_mm)))
         border = int(np.ceil(cfg.border_mm / px_mm))
-        width = max(1, int(round(cfg.width_mm / px_mm)))
+        width = cfg.width_mm / px_mm
         for b in BONES:
             sil = splat_silhouette(points[b.name], grid, small, off) if b.name in points else None
-            res = outline_agreement(g, sil, sigma_px, border, k)
+            edges = _edge_band(sil, sigma_px, border) if sil is not None and sil.any() else None
+            res = outline_agreement(g, sil, sigma_px, border, k, edges)
             if res is not None:
                 sc, sr = res.pop("best_shift_px")
                 res["best_shift_mm"] = [round(sc * small.iso_spacing[0], 2), round(sr * small.iso_spacing[1], 2)]
                 res = {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in res.items()}
-                res.update(outline_shape(g, sil, sigma_px, border, width, cfg.end_fraction))
+                res.update(outline_shape(g, sil, edges, width, cfg.end_fraction))
             out[b.name]["outline"][x.geometry.view] = res
     if raw is not None:
         rv = float(np.prod((raw_grid or grid).spacing)) / 1000.0
@@ -532,7 +537,7 @@ def judge(measured: dict, config: QualityConfig | None = None) -> dict:
             row["score"] = round(p, 3)
             if p >= model["cutoff"]:
                 why.append(f"the combined check puts it among poor reconstructions (score {p:.2f}, review from "
-                           f"{model['cutoff']:.2f}; mostly {' and '.join(FEATURE_WORDS.get(t, t) for t in top) or 'all together'})")
+                           f"{model['cutoff']:.2f}; mostly {' and '.join(top) or 'all together'})")
         bones[b.name] = {**row, "verdict": "review" if why else "ok", "reasons": why}
         reasons += [f"{b.name}: {w}" for w in why]
     return {"verdict": "review" if reasons else "ok", "reasons": reasons, "bones": bones}
