@@ -10,13 +10,15 @@ set(KNEERECON_MODULE_RESOURCES
   )
 
 # the repository's top-level Resources/: bundled models with their converted networks (OpenVINO IR,
-# tied to the .pt by its SHA-256) and card, and the sample X-ray pair; installed to <module>/Resources/
+# tied to the .pt by its SHA-256), its quality-report settings (fitted for it, also tied by SHA-256) and
+# card, and the sample X-ray pair; installed to <module>/Resources/
 set(KNEERECON_BUNDLED_RESOURCES
   Models/kneerecon_unet.pt
   Models/kneerecon_unet.openvino.xml
   Models/kneerecon_unet.openvino.bin
   Models/kneerecon_unet.int8.openvino.xml
   Models/kneerecon_unet.int8.openvino.bin
+  Models/kneerecon_unet.quality.json
   Models/kneerecon_chen.pt
   Models/kneerecon_style.pt
   Models/kneerecon_views.npz

@@ -45,7 +45,7 @@ def cmd_reconstruct(a) -> int:
                           model=a.model, device=a.device, progress=_progress_printer(),
                           height_offset=_height_offset_arg(a.height_offset), style=a.style, tta=a.tta,
                           backend=a.backend, ensemble=_ensemble_arg(a.ensemble), views_as_given=a.views_as_given,
-                          refine=a.refine)
+                          refine=a.refine, quality_mode=a.quality)
         report = write_outputs(rec, a.output, a.force)
     total = time.perf_counter() - t0
     vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())
@@ -385,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fail-on-review", action="store_true",
                    help="exit with status 3 (after writing the outputs) when the quality report's verdict is 'review' "
                         "(a bone disagrees with the X-rays or is implausible), for pipelines")
+    r.add_argument("--quality", choices=["standard", "thorough"], default="standard",
+                   help="the quality report: standard (about 0.2 s), or thorough: also a second network pass on "
+                        "perturbed inputs, whose disagreement with the first marks an unstable bone (one more network "
+                        "time)")
     r.add_argument("--refine", type=int, choices=[1, 2, 3], default=1,
                    help="labels.nii.gz and the surfaces on a grid this many times finer per axis than DESIGN.md's "
                         "128^3 (2: 0.78 mm voxels over a 200 mm field), from the network's class scores interpolated "

@@ -172,6 +172,9 @@ def openvino_threads() -> int:
         return 0
 
 
+QUALITY_MODES = ("standard", "thorough")
+
+
 def openvino_precision(core, model_path: str, amp: bool) -> str:
     """The OpenVINO precision for this model on this CPU: with `amp`, bf16 where the CPU runs it
     natively (AVX512-BF16/AMX), else the model's int8 IR where one exists (about 1.8x faster than
@@ -198,7 +201,9 @@ class Reconstructor:
         self.card = reconstruction_card(self.model_path)  # no PyTorch needed to read it
         self.tta = tta
         self.amp = amp
-        self.quality_config = quality.QualityConfig()  # thresholds of the quality report
+        # the quality report's settings, fitted for this model file (<model stem>.quality.json beside it)
+        self.quality_config, self.quality_source = quality.load_config(self.model_path)
+        self.keep_quality_inputs = False  # scripts/calibrate_quality.py: attach the report's inputs to the result
         self.style = None
         if style:  # real radiograph -> DRR translation before the network (kneerecon train-style)
             needs_torch("--style")
@@ -326,12 +331,16 @@ class Reconstructor:
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
             cancel: Callable[[], bool] | None = None, height_offset: float | str | None = "auto",
-            refine: int = 1) -> Reconstruction:
+            refine: int = 1, quality_mode: str = "standard") -> Reconstruction:
         """Reconstruct one pair. `height_offset`: "auto" estimates the lateral view's vertical
         displacement against the AP from the images and corrects it (when the estimate is
         reliable); a number (mm, positive = lateral content higher) corrects that much;
         None or "none" corrects nothing. `refine`: the output grid has this many times DESIGN.md's
-        voxels per axis (1-3), labelled from the network's class scores interpolated (refine.py)."""
+        voxels per axis (1-3), labelled from the network's class scores interpolated (refine.py).
+        `quality_mode` "thorough": the quality report also runs the network a second time on
+        perturbed inputs and compares the two (quality.consistency; one more network pass)."""
+        if quality_mode not in QUALITY_MODES:
+            raise KneeReconError(f"quality mode must be one of {', '.join(QUALITY_MODES)}, got {quality_mode!r}")
         progress = progress or (lambda f, m: None)
         t = {}
         side = side or ap.geometry.side
@@ -404,6 +413,7 @@ class Reconstructor:
         vol = backproject(XRay(normalize_intensity(ap.pixels), ap.geometry),
                           XRay(normalize_intensity(lateral.pixels), lateral.geometry), grid,
                           lateral_offset_mm=-offset["applied_mm"])
+        bp = (ap, lateral, grid)  # for the thorough quality report's second pass
         t["backprojection"] = time.perf_counter() - t0
         check(0.2, "running the network")
         t0 = time.perf_counter()
@@ -456,9 +466,25 @@ class Reconstructor:
         # the margin thresholds are calibrated on one network's probabilities; averaged ones (an
         # ensemble, TTA) are less peaked, so their margin is not judged
         averaged = self.tta or bool(self.members)
-        report = quality.assess(lab, grid, *shown, offset["applied_mm"], raw, net_grid,
-                                None if averaged else net_scores, self.quality_config)
-        t["quality"] = time.perf_counter() - t0
+        q_scores = None if averaged else net_scores
+        measured = quality.measure(lab, grid, *shown, offset["applied_mm"], raw, net_grid, q_scores, self.quality_config)
+        keep = None
+        if self.keep_quality_inputs:
+            keep = {"raw": raw, "raw_grid": net_grid,
+                    "margin": quality.margin_map(q_scores) if q_scores is not None else None}
+        if quality_mode == "thorough":
+            check(0.98, "checking the reconstruction's stability (a second network pass)")
+            raw2 = self._perturbed_pass(*bp, -offset["applied_mm"])
+            for b, d in quality.consistency(raw, raw2, self.quality_config.perturb_shift_voxels).items():
+                measured[b]["consistency_dice"] = d
+            if keep is not None:
+                keep["raw2"] = raw2
+        report = quality.judge(measured, self.quality_config)
+        if "note" in self.quality_source:
+            notes.append(self.quality_source["note"])
+        report["mode"] = quality_mode
+        report["thresholds"] = dict(self.quality_source)
+        t["quality"] = report["time_s"] = round(time.perf_counter() - t0, 4)
         progress(1.0, "done")
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
         rec.detected_side = seen
@@ -466,16 +492,34 @@ class Reconstructor:
         rec.ensemble = [{"name": c.get("name"), "version": c.get("version")} for c in self.member_cards]
         rec.height_offset = offset
         rec.quality = report
+        if keep is not None:
+            rec.quality_inputs = keep
         return rec
+
+    def _perturbed_pass(self, ap: XRay, lateral: XRay, grid: ReconGrid, lateral_offset_mm: float) -> np.ndarray:
+        """The network's labels for the same pair with the contrast changed (normalised intensities
+        raised to `perturb_gamma`) on a grid moved by `perturb_shift_voxels` along every axis: a
+        stable reconstruction barely changes, a doubtful bone does."""
+        cfg = self.quality_config
+        s = cfg.perturb_shift_voxels
+        moved = ReconGrid(grid.shape, grid.spacing, tuple(o + s * d for o, d in zip(grid.origin, grid.spacing)))
+
+        def perturbed(x: XRay) -> XRay:
+            a = normalize_intensity(x.pixels)
+            return XRay(np.sign(a) * np.abs(a) ** cfg.perturb_gamma, x.geometry)
+        vol = backproject(perturbed(ap), perturbed(lateral), moved, lateral_offset_mm=lateral_offset_mm)
+        return self.predict(vol)
 
 
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
                 style: str | None = None, tta: bool = False, backend: str = "auto",
-                ensemble: list[str] | None = None, views_as_given: bool = False, refine: int = 1) -> Reconstruction:
+                ensemble: list[str] | None = None, views_as_given: bool = False, refine: int = 1,
+                quality_mode: str = "standard") -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s).
-    `refine` 2 or 3: outputs on a grid that many times finer per axis (see `Reconstructor.run`).
+    `refine` 2 or 3: outputs on a grid that many times finer per axis; `quality_mode` "thorough":
+    the quality report with a second, perturbed network pass (see `Reconstructor.run`).
 
     Before any network work the pair is checked (view_check.py): the same file or the same
     pixels given twice, or a pair whose views look swapped, raise KneeReconError (`views_as_given`
@@ -500,13 +544,13 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
     rec = Reconstructor(model, device, style=style, tta=tta, backend=backend, ensemble=ensemble)
     t_load = time.perf_counter() - t0
     out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset,
-                  refine=refine)
+                  refine=refine, quality_mode=quality_mode)
     if side is None:
         seen = out.detected_side
         if seen and seen != side_:
             if ap.geometry.cone or lateral.geometry.cone:  # the lateral source side changes the geometry: redo
                 out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel,
-                              height_offset=height_offset, refine=refine)
+                              height_offset=height_offset, refine=refine, quality_mode=quality_mode)
             else:
                 out.side = seen
         out.notes = [n for n in out.notes if "but the side given" not in n]
