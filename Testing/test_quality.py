@@ -142,7 +142,7 @@ def test_cli_report_and_fail_on_review(tmp_path, bundled_model, capsys):
     rep = json.load(open(out / "report.json"))
     assert rep["quality"]["verdict"] == "ok" and set(rep["quality"]["bones"]) == {"femur", "patella", "tibia", "fibula"}
     assert rep["quality"]["bones"]["tibia"]["outline"]["ap"]["agreement"] > 0.3
-    assert "quality" in rep["timings_s"] and rep["timings_s"]["quality"] < 2.0
+    assert "quality" in rep["timings_s"]  # its time: bench/bench_quality.py, not a timed test
 
     # a broken pair: the lateral view moved 15 mm up and the height correction switched off, so the
     # two views disagree and the network's bones cannot match both
