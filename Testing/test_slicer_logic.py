@@ -270,3 +270,25 @@ def test_view_checks_through_the_logic(recon):
     seg = logic.reconstruct(ap, lat, side="right", createModels=False)
     assert len(logic.lastReconstruction.warnings) == 1 and "looks like a left knee" in logic.lastReconstruction.warnings[0]
     scene.RemoveNode(seg)
+
+
+def test_swapped_volumes_refused_unless_views_as_given(recon):
+    """Swapped volumes: refused through the logic with a message that names the module's checkbox
+    (not the command line's option), nothing added to the scene; with viewsAsGiven (the 'Views as
+    given' checkbox) the pair is reconstructed as given, and its quality report flags the bones."""
+    from KneeReconLib.io.view_check import SwappedViewsError
+
+    scene, logic, _, ap, lat = recon
+    last = logic.lastReconstruction
+    n_seg = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(SwappedViewsError) as e:
+        logic.reconstruct(lat, ap, side="left", createModels=False)
+    assert "look swapped" in str(e.value) and "tick 'Views as given'" in str(e.value)
+    assert "--views-as-given" not in str(e.value)
+    assert logic.lastReconstruction is last and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == n_seg
+    seg = logic.reconstruct(lat, ap, side="left", createModels=False, viewsAsGiven=True)
+    rec = logic.lastReconstruction
+    assert rec is not last and rec.view_check == {"skipped": "views taken as given"}
+    assert seg.GetSegmentation().GetNumberOfSegments() == 4
+    assert rec.quality["verdict"] == "review"  # taken as given, a swapped pair gives bones that do not fit
+    scene.RemoveNode(seg)

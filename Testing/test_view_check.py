@@ -1,6 +1,9 @@
 """Input checks before reconstructing: swapped views and the same picture twice end in exit 2
 with a message (on the sample and on a fresh phantom pair), a declared side the images contradict
-is a warning in the CLI output and report.json, and the sample passes."""
+is a warning in the CLI output and report.json, and the sample passes. The network's second
+opinion (view_opinion.py) tells swapped from correct pairs on the sample, a fresh phantom and a
+nearly straight knee of a training subject, and refuses the straight knee's swapped pair that the
+classifier alone lets through."""
 import json
 import os
 import shutil
@@ -11,8 +14,10 @@ import pytest
 from conftest import SAMPLE
 from KneeReconLib.cli import main
 from KneeReconLib.core.errors import KneeReconError
-from KneeReconLib.io.view_check import assess_views, check_views, side_warnings
-from KneeReconLib.io.xray_io import read_xray, write_xray
+from KneeReconLib.io.view_check import OPINION_BAND, assess_views, check_views, side_warnings
+from KneeReconLib.io.xray_io import XRay, read_xray, write_xray
+from KneeReconLib.reconstruction.view_opinion import (SwapOpinionConfig, outline_features,
+                                                      reconstruct_swapped_features, swap_gain)
 
 AP = os.path.join(SAMPLE, "ap.nrrd")
 LAT = os.path.join(SAMPLE, "lateral.nrrd")
@@ -31,6 +36,35 @@ def phantom_pair(tmp_path_factory):
     for view, (img, geom) in render_drr(ct, DRRConfig(pixel_spacing=0.8, side="left")).items():
         write_xray(img, geom, str(d / f"{view}.nrrd"))
     return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
+
+
+STRAIGHT_SEED = 21  # subject 13, flexion 0-3 degrees: its lateral scores AP-like (swap score -1.2)
+
+
+@pytest.fixture(scope="module")
+def straight_pair(tmp_path_factory):
+    """A nearly straight right knee (flexion under 3 degrees) of LLP26 training subject 13 (its own
+    bones, no PCA shape), parallel-beam DRRs as NRRD files: the kind of pair whose lateral the view
+    classifier scores AP-like."""
+    pytest.importorskip("musculoskeletal.models")
+    from KneeReconLib.data.drr import DRRConfig, render_drr
+    from KneeReconLib.data.llp26 import LLP26Config, generate_llp26_phantom
+    from KneeReconLib.geometry.frame import to_knee_frame
+
+    d = tmp_path_factory.mktemp("straight")
+    ph = generate_llp26_phantom(STRAIGHT_SEED, LLP26Config(subjects=(13,), pca_p=0.0, flexion_deg=(0.0, 3.0),
+                                                           side="right"))
+    ct, _ = to_knee_frame(ph.ct, ph.labels)
+    for view, (img, geom) in render_drr(ct, DRRConfig(pixel_spacing=0.8, side="right")).items():
+        write_xray(img, geom, str(d / f"{view}.nrrd"))
+    return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
+
+
+@pytest.fixture(scope="module")
+def reconstructor():
+    from KneeReconLib.reconstruction.inference import Reconstructor
+
+    return Reconstructor()
 
 
 def _refused(capfd, tmp_path, ap, lat, *extra):
@@ -124,3 +158,46 @@ def test_batch_rows_with_swapped_or_repeated_views_fail_with_the_message(tmp_pat
     assert rows["swapped"]["status"] == "error" and "look swapped" in rows["swapped"]["error"]
     assert rows["twice"]["status"] == "error" and "same file" in rows["twice"]["error"]
     assert sorted(os.listdir(out)) == ["summary.csv"]
+
+
+def _opinion_gain(reconstructor, ap: XRay, lat: XRay) -> float:
+    """The second opinion's gain for the pair as given (positive: it fits better swapped)."""
+    given = outline_features(reconstructor.run(ap, lat, ap.geometry.side, surfaces=False).quality)
+    return swap_gain(given, reconstruct_swapped_features(reconstructor, ap, lat, ap.geometry.side))
+
+
+@pytest.mark.parametrize("pair", ["sample", "phantom", "straight"])
+def test_second_opinion_tells_swapped_from_correct(reconstructor, phantom_pair, straight_pair, pair):
+    """The network's opinion on its own, whatever the classifier says: the files given the wrong
+    way round reconstruct better swapped by more than the threshold; the right way round, worse by
+    more than it."""
+    ap, lat = {"sample": (AP, LAT), "phantom": phantom_pair, "straight": straight_pair}[pair]
+    side = "right" if pair == "straight" else "left"
+    min_gain = SwapOpinionConfig().min_gain
+    correct = _opinion_gain(reconstructor, read_xray(ap, "ap", side=side), read_xray(lat, "lateral", side=side))
+    swapped = _opinion_gain(reconstructor, read_xray(lat, "ap", side=side), read_xray(ap, "lateral", side=side))
+    assert correct < -min_gain and swapped > min_gain, (correct, swapped)
+    assert swapped == pytest.approx(-correct, abs=0.02)  # the same two reconstructions, the other way round
+
+
+def test_sample_pays_no_second_opinion():
+    """The bundled sample (the 1.5 s whole-command target) is outside the ambiguous band."""
+    vc = assess_views(read_xray(AP, "ap"), read_xray(LAT, "lateral"))
+    assert not vc.ambiguous and vc.swap_score <= OPINION_BAND[0]
+
+
+def test_straight_knee_swapped_is_refused_by_the_second_opinion(capfd, tmp_path, straight_pair):
+    """The straight knee's swapped pair scores inside the ambiguous band (the classifier alone would
+    reconstruct it); the command refuses it on the network's opinion, exit 2, one line; given the
+    right way round it is reconstructed, with the opinion in report.json."""
+    ap, lat = straight_pair
+    vc = assess_views(read_xray(lat, "ap", side="right"), read_xray(ap, "lateral", side="right"))
+    assert vc.ambiguous and not vc.looks_swapped, vc.swap_score
+    err = _refused(capfd, tmp_path, lat, ap, "--side", "right")
+    assert "look swapped" in err and "reconstructed the other way round" in err and "--views-as-given" in err
+    out = tmp_path / "ok"
+    assert main(["reconstruct", "--ap", ap, "--lateral", lat, "--side", "right", "--output", str(out)]) == 0
+    rep = json.load(open(out / "report.json"))
+    so = rep["view_check"]["second_opinion"]
+    assert so["looks_swapped"] is False and so["as_given_agreement"] > so["swapped_agreement"] + so["min_gain"]
+    assert rep["view_check"]["looks_swapped"] is False
