@@ -1,17 +1,26 @@
-"""Fit and measure the view check's classifiers (KneeReconLib/io/view_check.py).
+"""Fit and measure the view check's classifiers (KneeReconLib/io/view_check.py) and its second
+opinion (KneeReconLib/reconstruction/view_opinion.py).
 
   python scripts/fit_view_check.py pictures --data cache/llp_train cache/proc_train --out cache/views_train.npz
-  python scripts/fit_view_check.py pictures --data cache/xs_parallel cache/xs_cone cache/test_proc --out cache/views_test.npz --seed 2
   python scripts/fit_view_check.py fit --train cache/views_train.npz --out Resources/Models/kneerecon_views.npz
-  python scripts/fit_view_check.py measure --test cache/views_test.npz \\
+  python scripts/fit_view_check.py pictures --data cache/llp_train2 cache/proc_train2 --every 4 --realistic 1 \\
+      --opinion-window 6 --out cache/a16_views_train_op.npz
+  python scripts/fit_view_check.py band --train cache/a16_views_train_op.npz
+  python scripts/fit_view_check.py pictures --data cache/xs_parallel cache/xs_cone cache/test_proc --held-out \\
+      --realistic 2 --seed 2 --opinion-window 6 --out cache/a16_views_test_op.npz
+  python scripts/fit_view_check.py measure --test cache/a16_views_test_op.npz \\
       --files Resources/Sample ../shared/contract-check/knee_a ../shared/contract-check/knee_b cache/xsf/*
 
 `pictures` turns cached cases (DRR line integrals) into canonical pictures: each view as a DRR and
 as `--realistic` simulated radiographs (realism.py, as training's realism augmentation makes
-them). Fitting data must come from LLP26 training subjects and procedural phantoms only; the
+them); with `--opinion-window W` it also reconstructs every pair whose swap score is within +-W
+as given and swapped (two network passes) and keeps both reconstructions' outline agreements.
+Fitting data must come from LLP26 training subjects and procedural phantoms only; the
 script refuses cases of the held-out subjects (5, 10, 15, 20) and of subjects 21-26.
-`measure` prints per-image view accuracy, swap detection and false-alarm rates on pairs, and
-side-check rates, per set."""
+`band` shows how the opinion band and gain threshold follow from training pairs.
+`measure` prints per-image view accuracy, swap detection and false-alarm rates on pairs (the
+classifier's margin alone and the whole check with the second opinion), how often correct pairs
+fall in the band, and side-check rates, per set."""
 from __future__ import annotations
 
 import argparse

@@ -18,7 +18,9 @@ checks here look at image content only:
 A pair is refused as swapped when the --lateral image scores as more AP-like than the --ap image
 by a margin: the two images are compared with each other, which is far more reliable than
 classifying either alone (a lateral view is a lateral view by a wide margin; an unusual AP view
-may score near zero)."""
+may score near zero). Where that swap score is ambiguous (OPINION_BAND: nearly straight knees'
+laterals score AP-like), the reconstruction decides: reconstruction/view_opinion.py reconstructs
+the pair swapped too and refuses it when that fits the images much better."""
 from __future__ import annotations
 
 import os
@@ -38,6 +40,8 @@ MODEL_FILE = "kneerecon_views.npz"
 # a pair is swapped when the --lateral image scores this much more AP-like (log-odds) than the --ap
 # image; correct held-out pairs reach -1.6 at worst (README, "Input checks")
 SWAP_MARGIN = 3.0
+# the AP image's side score (log-odds of "left") beyond this contradicts a declared side
+SIDE_MARGIN = 2.5  # held-out AP images: the wrong way by 1.8 at worst
 # swap scores in this band (lateral minus AP log-odds) are ambiguous: nearly straight knees' laterals
 # score AP-like, so a swapped pair of one can land here. There the reconstruction gives a second
 # opinion (reconstruction/view_opinion.py: one more network pass). The lower end: the band holds
@@ -60,8 +64,6 @@ class SwappedViewsError(KneeReconError):
     def __init__(self, detail: str = "", override: str = CLI_OVERRIDE):
         self.detail = detail
         super().__init__(swapped_message(override, detail))
-# the AP image's side score (log-odds of "left") beyond this contradicts a declared side
-SIDE_MARGIN = 2.5  # held-out AP images: the wrong way by 1.8 at worst
 
 
 def canonical_picture(xray: XRay) -> np.ndarray:
