@@ -292,3 +292,22 @@ def test_swapped_volumes_refused_unless_views_as_given(recon):
     assert seg.GetSegmentation().GetNumberOfSegments() == 4
     assert rec.quality["verdict"] == "review"  # taken as given, a swapped pair gives bones that do not fit
     scene.RemoveNode(seg)
+
+
+def test_straight_knee_swapped_refused_on_the_second_opinion(recon, straight_pair):
+    """A nearly straight knee given swapped scores in the view classifier's ambiguous band: the
+    logic, too, asks the network (the pair reconstructed the other way round) and refuses it,
+    naming the checkbox; the right way round it is reconstructed with the opinion recorded."""
+    from KneeReconLib.io.view_check import SwappedViewsError
+
+    scene = recon[0]
+    logic = recon[1]
+    ap = slicer_headless.load_volume(scene, straight_pair[0], "straight AP")
+    lat = slicer_headless.load_volume(scene, straight_pair[1], "straight lateral")
+    with pytest.raises(SwappedViewsError) as e:
+        logic.reconstruct(lat, ap, side="right", createModels=False)
+    assert "reconstructed the other way round" in str(e.value) and "tick 'Views as given'" in str(e.value)
+    seg = logic.reconstruct(ap, lat, side="right", createModels=False)
+    so = logic.lastReconstruction.view_check["second_opinion"]
+    assert so["looks_swapped"] is False and so["swap_gain"] < -so["min_gain"]
+    scene.RemoveNode(seg)

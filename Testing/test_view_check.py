@@ -38,28 +38,6 @@ def phantom_pair(tmp_path_factory):
     return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
 
 
-STRAIGHT_SEED = 21  # subject 13, flexion 0-3 degrees: its lateral scores AP-like (swap score -1.2)
-
-
-@pytest.fixture(scope="module")
-def straight_pair(tmp_path_factory):
-    """A nearly straight right knee (flexion under 3 degrees) of LLP26 training subject 13 (its own
-    bones, no PCA shape), parallel-beam DRRs as NRRD files: the kind of pair whose lateral the view
-    classifier scores AP-like."""
-    pytest.importorskip("musculoskeletal.models")
-    from KneeReconLib.data.drr import DRRConfig, render_drr
-    from KneeReconLib.data.llp26 import LLP26Config, generate_llp26_phantom
-    from KneeReconLib.geometry.frame import to_knee_frame
-
-    d = tmp_path_factory.mktemp("straight")
-    ph = generate_llp26_phantom(STRAIGHT_SEED, LLP26Config(subjects=(13,), pca_p=0.0, flexion_deg=(0.0, 3.0),
-                                                           side="right"))
-    ct, _ = to_knee_frame(ph.ct, ph.labels)
-    for view, (img, geom) in render_drr(ct, DRRConfig(pixel_spacing=0.8, side="right")).items():
-        write_xray(img, geom, str(d / f"{view}.nrrd"))
-    return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
-
-
 @pytest.fixture(scope="module")
 def reconstructor():
     from KneeReconLib.reconstruction.inference import Reconstructor
@@ -67,13 +45,19 @@ def reconstructor():
     return Reconstructor()
 
 
-def _refused(capfd, tmp_path, ap, lat, *extra):
+def _refused(capfd, tmp_path, ap, lat, *extra, after_progress: bool = False):
+    """Exit 2, one line of error, nothing written. `after_progress`: refused after reconstructing
+    (the second opinion), so the progress bar's line comes first."""
     out = tmp_path / "out"
     capfd.readouterr()
     code = main(["reconstruct", "--ap", ap, "--lateral", lat, "--output", str(out), *extra])
     err = capfd.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]  # (splitlines also splits at the bar's \r)
+    if after_progress:
+        assert any("100%" in ln for ln in lines if ln.startswith("["))
+        lines = [ln for ln in lines if not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("kneerecon: error:")
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
     return err
 
@@ -193,7 +177,7 @@ def test_straight_knee_swapped_is_refused_by_the_second_opinion(capfd, tmp_path,
     ap, lat = straight_pair
     vc = assess_views(read_xray(lat, "ap", side="right"), read_xray(ap, "lateral", side="right"))
     assert vc.ambiguous and not vc.looks_swapped, vc.swap_score
-    err = _refused(capfd, tmp_path, lat, ap, "--side", "right")
+    err = _refused(capfd, tmp_path, lat, ap, "--side", "right", after_progress=True)
     assert "look swapped" in err and "reconstructed the other way round" in err and "--views-as-given" in err
     out = tmp_path / "ok"
     assert main(["reconstruct", "--ap", ap, "--lateral", lat, "--side", "right", "--output", str(out)]) == 0
