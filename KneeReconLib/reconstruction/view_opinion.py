@@ -90,6 +90,7 @@ def confirm_views(reconstructor, vc: ViewCheck | None, given, config: SwapOpinio
                          "swap_gain": round(gain, 4), "min_gain": cfg.min_gain, "looks_swapped": gain > cfg.min_gain}
     if gain > cfg.min_gain:
         vc.looks_swapped = True
+        a_swapped, a_given = agreement_score(f_swapped), agreement_score(f_given)
         raise SwappedViewsError(f" (reconstructed the other way round, the bones fit the images better: outline "
-                                f"agreement {agreement_score(f_swapped):.2f} against {agreement_score(f_given):.2f} as given)")
+                                f"agreement {a_swapped:.2f} against {a_given:.2f} as given)")
     return vc.second_opinion
