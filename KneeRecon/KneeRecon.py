@@ -75,6 +75,7 @@ class KneeReconParameterNode:
     pixelSpacing: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0: use the images' own spacing
     coneBeam: bool = False
     correctHeightOffset: bool = True
+    viewsAsGiven: bool = False  # skip the swapped-views check (kneerecon reconstruct --views-as-given)
     sid: Annotated[float, WithinRange(100.0, 5000.0)] = 1100.0
     sod: Annotated[float, WithinRange(50.0, 5000.0)] = 1000.0
     modelPath: str = ""  # empty: the bundled model
@@ -181,6 +182,7 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("KneeRecon could not reconstruct this pair."), waitCursor=True):
                 self.logic.ensureDependencies(backend=p.backend, device=p.device, ensemble=p.ensemble,
                                               modelPath=p.modelPath or None)
+                from KneeReconLib.io.view_check import SwappedViewsError
                 from KneeReconLib.reconstruction.inference import Cancelled
                 try:
                     seg = self.logic.reconstruct(
@@ -189,7 +191,10 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         modelPath=p.modelPath or None, device=p.device, segmentationNode=p.outputSegmentation,
                         createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested,
                         heightOffset="auto" if p.correctHeightOffset else "none", ensemble=p.ensemble,
-                        backend=p.backend)
+                        backend=p.backend, viewsAsGiven=p.viewsAsGiven)
+                except SwappedViewsError as e:  # in the status too: it names the checkbox that overrides it
+                    self.ui.statusLabel.text = _("Refused: {why}.").format(why=e)
+                    raise
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
                     return

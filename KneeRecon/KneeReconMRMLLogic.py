@@ -17,6 +17,8 @@ for _p in (os.path.join(_here, ".."), _here):  # source tree: repo root; install
         sys.path.insert(0, _p)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# how the module's user skips the swapped-views check (the parameter node's viewsAsGiven, the .ui's checkbox)
+SLICER_OVERRIDE = "tick 'Views as given' in the X-rays section"
 
 
 def _matrix(m: np.ndarray) -> vtk.vtkMatrix4x4:
@@ -126,17 +128,24 @@ class KneeReconMRMLLogic:
         `kneerecon reconstruct --backend`). The model is loaded once per session
         (getReconstructor). Returns the segmentation node; the full `Reconstruction` is kept in
         `self.lastReconstruction`. The pair is checked first as `kneerecon reconstruct` checks it
-        (KneeReconError for the same picture twice or swapped views unless `viewsAsGiven`; a side
-        the images contradict ends up in `rec.warnings`)."""
-        from KneeReconLib.io.view_check import check_views
+        (KneeReconError for the same picture twice or swapped views unless `viewsAsGiven`, the
+        message saying to tick 'Views as given'; a side the images contradict ends up in
+        `rec.warnings`)."""
+        from KneeReconLib.io.view_check import SwappedViewsError, check_views
         from KneeReconLib.reconstruction.inference import attach_view_check
+        from KneeReconLib.reconstruction.view_opinion import confirm_views
 
         ap = self.xrayFromVolumeNode(apNode, "ap", pixelSpacing, side, sid, sod)
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
-        viewCheck = check_views(ap, lat, ap, lat, viewsAsGiven)
-        reconstructor = self.getReconstructor(modelPath, device, backend, ensemble)
-        rec = reconstructor.run(ap, lat, side, surfaces=createModels, progress=progress, cancel=cancel,
-                                height_offset=heightOffset)
+        try:
+            viewCheck = check_views(ap, lat, ap, lat, viewsAsGiven)
+            reconstructor = self.getReconstructor(modelPath, device, backend, ensemble)
+            rec = reconstructor.run(ap, lat, side, surfaces=createModels, progress=progress, cancel=cancel,
+                                    height_offset=heightOffset)
+            # the classifier unsure (nearly straight knees): the pair is also reconstructed swapped
+            confirm_views(reconstructor, viewCheck, rec)
+        except SwappedViewsError as e:  # the module's own override, not the command line's
+            raise SwappedViewsError(e.detail, override=SLICER_OVERRIDE) from None
         attach_view_check(rec, viewCheck, side)
         self.lastReconstruction = rec
         seg = self.segmentationFromReconstruction(rec, segmentationNode,

@@ -51,6 +51,37 @@ def tiny_train_config(cache, out, architecture: dict, **kw):
     return TrainConfig(**base)
 
 
+STRAIGHT_SUBJECT, STRAIGHT_SEED = 4, 12  # flexion 0-3 degrees
+STRAIGHT_FIELD_MM = 115.0  # a field this tall about the joint: its lateral scores AP-like (swap score -2.3)
+
+
+@pytest.fixture(scope="session")
+def straight_pair(tmp_path_factory):
+    """A nearly straight right knee (flexion under 3 degrees) of an LLP26 training subject (its own
+    bones, no PCA shape), parallel-beam DRRs of a field STRAIGHT_FIELD_MM tall about the isocentre
+    (the shortest fields of the training caches), as NRRD files: the kind of pair whose lateral the
+    view classifier scores AP-like."""
+    from dataclasses import replace
+
+    pytest.importorskip("musculoskeletal.models")
+    from KneeReconLib.data.drr import DRRConfig, render_drr
+    from KneeReconLib.data.llp26 import LLP26Config, generate_llp26_phantom
+    from KneeReconLib.geometry.frame import to_knee_frame
+    from KneeReconLib.io.xray_io import write_xray
+
+    d = tmp_path_factory.mktemp("straight")
+    ph = generate_llp26_phantom(STRAIGHT_SEED, LLP26Config(subjects=(STRAIGHT_SUBJECT,), pca_p=0.0,
+                                                           flexion_deg=(0.0, 3.0), side="right"))
+    ct, _ = to_knee_frame(ph.ct, ph.labels)
+    for view, (img, geom) in render_drr(ct, DRRConfig(pixel_spacing=0.8, side="right")).items():
+        h = int(round(STRAIGHT_FIELD_MM / geom.iso_spacing[1]))
+        assert h < geom.height
+        r0 = (geom.height - h) // 2
+        h = geom.height - 2 * r0  # cropped symmetrically: the image centre stays on the isocentre
+        write_xray(np.ascontiguousarray(img[r0:r0 + h]), replace(geom, height=h), str(d / f"{view}.nrrd"))
+    return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
+
+
 @pytest.fixture(scope="session")
 def bundled_model():
     if not os.path.exists(MODEL):

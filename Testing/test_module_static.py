@@ -42,3 +42,26 @@ def test_ui_widgets_match_parameter_node():
     src = open(os.path.join(MODULE_DIR, "KneeRecon.py")).read()
     for used in ("applyButton", "cancelButton", "exportButton", "progressBar", "statusLabel", "sidSpinBox", "sodSpinBox"):
         assert used in names and f"self.ui.{used}" in src, used
+
+
+def test_views_as_given_checkbox_reaches_the_logic():
+    """The 'Views as given' checkbox: in the .ui, bound to the parameter node's viewsAsGiven (a
+    bool, off by default), and passed to the logic's reconstruct; a swapped-views refusal is shown
+    in the status line too."""
+    ui = ET.parse(os.path.join(MODULE_DIR, "Resources", "UI", "KneeRecon.ui"))
+    box = next(w for w in ui.iter("widget") if w.get("name") == "viewsAsGivenCheckBox")
+    assert box.get("class") == "QCheckBox"
+    bound = {p.get("name"): p.find("string").text for p in box.iter("property") if p.find("string") is not None}
+    assert bound["SlicerParameterName"] == "viewsAsGiven" and "swapped" in bound["text"]
+    tree = ast.parse(open(os.path.join(MODULE_DIR, "KneeRecon.py")).read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "KneeReconParameterNode")
+    field = next(n for n in cls.body if isinstance(n, ast.AnnAssign) and n.target.id == "viewsAsGiven")
+    assert ast.unparse(field.annotation) == "bool" and field.value.value is False
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "self.logic.reconstruct"]
+    assert len(calls) == 1
+    kw = {k.arg: ast.unparse(k.value) for k in calls[0].keywords}
+    assert kw["viewsAsGiven"] == "p.viewsAsGiven"
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "KneeReconWidget")
+    handlers = [h for h in ast.walk(widget) if isinstance(h, ast.ExceptHandler) and h.type is not None]
+    swapped = next(h for h in handlers if ast.unparse(h.type) == "SwappedViewsError")
+    assert "self.ui.statusLabel.text" in ast.unparse(swapped) and isinstance(swapped.body[-1], ast.Raise)

@@ -270,3 +270,44 @@ def test_view_checks_through_the_logic(recon):
     seg = logic.reconstruct(ap, lat, side="right", createModels=False)
     assert len(logic.lastReconstruction.warnings) == 1 and "looks like a left knee" in logic.lastReconstruction.warnings[0]
     scene.RemoveNode(seg)
+
+
+def test_swapped_volumes_refused_unless_views_as_given(recon):
+    """Swapped volumes: refused through the logic with a message that names the module's checkbox
+    (not the command line's option), nothing added to the scene; with viewsAsGiven (the 'Views as
+    given' checkbox) the pair is reconstructed as given, and its quality report flags the bones."""
+    from KneeReconLib.io.view_check import SwappedViewsError
+
+    scene, logic, _, ap, lat = recon
+    last = logic.lastReconstruction
+    n_seg = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    with pytest.raises(SwappedViewsError) as e:
+        logic.reconstruct(lat, ap, side="left", createModels=False)
+    assert "look swapped" in str(e.value) and "tick 'Views as given'" in str(e.value)
+    assert "--views-as-given" not in str(e.value)
+    assert logic.lastReconstruction is last and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == n_seg
+    seg = logic.reconstruct(lat, ap, side="left", createModels=False, viewsAsGiven=True)
+    rec = logic.lastReconstruction
+    assert rec is not last and rec.view_check == {"skipped": "views taken as given"}
+    assert seg.GetSegmentation().GetNumberOfSegments() == 4
+    assert rec.quality["verdict"] == "review"  # taken as given, a swapped pair gives bones that do not fit
+    scene.RemoveNode(seg)
+
+
+def test_straight_knee_swapped_refused_on_the_second_opinion(recon, straight_pair):
+    """A nearly straight knee given swapped scores in the view classifier's ambiguous band: the
+    logic, too, asks the network (the pair reconstructed the other way round) and refuses it,
+    naming the checkbox; the right way round it is reconstructed with the opinion recorded."""
+    from KneeReconLib.io.view_check import SwappedViewsError
+
+    scene = recon[0]
+    logic = recon[1]
+    ap = slicer_headless.load_volume(scene, straight_pair[0], "straight AP")
+    lat = slicer_headless.load_volume(scene, straight_pair[1], "straight lateral")
+    with pytest.raises(SwappedViewsError) as e:
+        logic.reconstruct(lat, ap, side="right", createModels=False)
+    assert "reconstructed the other way round" in str(e.value) and "tick 'Views as given'" in str(e.value)
+    seg = logic.reconstruct(ap, lat, side="right", createModels=False)
+    so = logic.lastReconstruction.view_check["second_opinion"]
+    assert so["looks_swapped"] is False and so["swap_gain"] < -so["min_gain"]
+    scene.RemoveNode(seg)

@@ -1,6 +1,9 @@
 """Input checks before reconstructing: swapped views and the same picture twice end in exit 2
 with a message (on the sample and on a fresh phantom pair), a declared side the images contradict
-is a warning in the CLI output and report.json, and the sample passes."""
+is a warning in the CLI output and report.json, and the sample passes. The network's second
+opinion (view_opinion.py) tells swapped from correct pairs on the sample, a fresh phantom and a
+nearly straight knee of a training subject, and refuses the straight knee's swapped pair that the
+classifier alone lets through."""
 import json
 import os
 import shutil
@@ -11,8 +14,10 @@ import pytest
 from conftest import SAMPLE
 from KneeReconLib.cli import main
 from KneeReconLib.core.errors import KneeReconError
-from KneeReconLib.io.view_check import assess_views, check_views, side_warnings
-from KneeReconLib.io.xray_io import read_xray, write_xray
+from KneeReconLib.io.view_check import OPINION_BAND, assess_views, check_views, side_warnings
+from KneeReconLib.io.xray_io import XRay, read_xray, write_xray
+from KneeReconLib.reconstruction.view_opinion import (SwapOpinionConfig, outline_features,
+                                                      reconstruct_swapped_features, swap_gain)
 
 AP = os.path.join(SAMPLE, "ap.nrrd")
 LAT = os.path.join(SAMPLE, "lateral.nrrd")
@@ -33,13 +38,26 @@ def phantom_pair(tmp_path_factory):
     return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
 
 
-def _refused(capfd, tmp_path, ap, lat, *extra):
+@pytest.fixture(scope="module")
+def reconstructor():
+    from KneeReconLib.reconstruction.inference import Reconstructor
+
+    return Reconstructor()
+
+
+def _refused(capfd, tmp_path, ap, lat, *extra, after_progress: bool = False):
+    """Exit 2, one line of error, nothing written. `after_progress`: refused after reconstructing
+    (the second opinion), so the progress bar's line comes first."""
     out = tmp_path / "out"
     capfd.readouterr()
     code = main(["reconstruct", "--ap", ap, "--lateral", lat, "--output", str(out), *extra])
     err = capfd.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]  # (splitlines also splits at the bar's \r)
+    if after_progress:
+        assert any("100%" in ln for ln in lines if ln.startswith("["))
+        lines = [ln for ln in lines if not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("kneerecon: error:")
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
     return err
 
@@ -124,3 +142,46 @@ def test_batch_rows_with_swapped_or_repeated_views_fail_with_the_message(tmp_pat
     assert rows["swapped"]["status"] == "error" and "look swapped" in rows["swapped"]["error"]
     assert rows["twice"]["status"] == "error" and "same file" in rows["twice"]["error"]
     assert sorted(os.listdir(out)) == ["summary.csv"]
+
+
+def _opinion_gain(reconstructor, ap: XRay, lat: XRay) -> float:
+    """The second opinion's gain for the pair as given (positive: it fits better swapped)."""
+    given = outline_features(reconstructor.run(ap, lat, ap.geometry.side, surfaces=False).quality)
+    return swap_gain(given, reconstruct_swapped_features(reconstructor, ap, lat, ap.geometry.side))
+
+
+@pytest.mark.parametrize("pair", ["sample", "phantom", "straight"])
+def test_second_opinion_tells_swapped_from_correct(reconstructor, phantom_pair, straight_pair, pair):
+    """The network's opinion on its own, whatever the classifier says: the files given the wrong
+    way round reconstruct better swapped by more than the threshold; the right way round, worse by
+    more than it."""
+    ap, lat = {"sample": (AP, LAT), "phantom": phantom_pair, "straight": straight_pair}[pair]
+    side = "right" if pair == "straight" else "left"
+    min_gain = SwapOpinionConfig().min_gain
+    correct = _opinion_gain(reconstructor, read_xray(ap, "ap", side=side), read_xray(lat, "lateral", side=side))
+    swapped = _opinion_gain(reconstructor, read_xray(lat, "ap", side=side), read_xray(ap, "lateral", side=side))
+    assert correct < -min_gain and swapped > min_gain, (correct, swapped)
+    assert swapped == pytest.approx(-correct, abs=0.02)  # the same two reconstructions, the other way round
+
+
+def test_sample_pays_no_second_opinion():
+    """The bundled sample (the 1.5 s whole-command target) is outside the ambiguous band."""
+    vc = assess_views(read_xray(AP, "ap"), read_xray(LAT, "lateral"))
+    assert not vc.ambiguous and vc.swap_score <= OPINION_BAND[0]
+
+
+def test_straight_knee_swapped_is_refused_by_the_second_opinion(capfd, tmp_path, straight_pair):
+    """The straight knee's swapped pair scores inside the ambiguous band (the classifier alone would
+    reconstruct it); the command refuses it on the network's opinion, exit 2, one line; given the
+    right way round it is reconstructed, with the opinion in report.json."""
+    ap, lat = straight_pair
+    vc = assess_views(read_xray(lat, "ap", side="right"), read_xray(ap, "lateral", side="right"))
+    assert vc.ambiguous and not vc.looks_swapped, vc.swap_score
+    err = _refused(capfd, tmp_path, lat, ap, "--side", "right", after_progress=True)
+    assert "look swapped" in err and "reconstructed the other way round" in err and "--views-as-given" in err
+    out = tmp_path / "ok"
+    assert main(["reconstruct", "--ap", ap, "--lateral", lat, "--side", "right", "--output", str(out)]) == 0
+    rep = json.load(open(out / "report.json"))
+    so = rep["view_check"]["second_opinion"]
+    assert so["looks_swapped"] is False and so["as_given_agreement"] > so["swapped_agreement"] + so["min_gain"]
+    assert rep["view_check"]["looks_swapped"] is False

@@ -18,7 +18,9 @@ checks here look at image content only:
 A pair is refused as swapped when the --lateral image scores as more AP-like than the --ap image
 by a margin: the two images are compared with each other, which is far more reliable than
 classifying either alone (a lateral view is a lateral view by a wide margin; an unusual AP view
-may score near zero)."""
+may score near zero). Where that swap score is ambiguous (OPINION_BAND: nearly straight knees'
+laterals score AP-like), the reconstruction decides: reconstruction/view_opinion.py reconstructs
+the pair swapped too and refuses it when that fits the images much better."""
 from __future__ import annotations
 
 import os
@@ -40,6 +42,28 @@ MODEL_FILE = "kneerecon_views.npz"
 SWAP_MARGIN = 3.0
 # the AP image's side score (log-odds of "left") beyond this contradicts a declared side
 SIDE_MARGIN = 2.5  # held-out AP images: the wrong way by 1.8 at worst
+# swap scores in this band (lateral minus AP log-odds) are ambiguous: nearly straight knees' laterals
+# score AP-like, so a swapped pair of one can land here. There the reconstruction gives a second
+# opinion (reconstruction/view_opinion.py: one more network pass). The lower end: the band holds
+# every swapped training pair that the margin misses (the most AP-like correct training lateral:
+# +2.73, so its swapped pair scores -2.73), `scripts/fit_view_check.py band` (README, "Input checks")
+OPINION_BAND = (-SWAP_MARGIN, SWAP_MARGIN)
+CLI_OVERRIDE = "pass --views-as-given (views_as_given=True)"
+
+
+def swapped_message(override: str = CLI_OVERRIDE, detail: str = "") -> str:
+    """What a refused swapped pair is told; `override`: how this front end skips the check."""
+    return ("the AP and the lateral image look swapped: the --ap image looks like a lateral view and the --lateral "
+            f"image like an AP view{detail}; give them the other way round, or {override} to reconstruct them as given")
+
+
+class SwappedViewsError(KneeReconError):
+    """The pair looks swapped (exit 2 like every KneeReconError); its own type so that a front end
+    (the Slicer module) can name its own override. `detail`: the evidence, in words."""
+
+    def __init__(self, detail: str = "", override: str = CLI_OVERRIDE):
+        self.detail = detail
+        super().__init__(swapped_message(override, detail))
 
 
 def canonical_picture(xray: XRay) -> np.ndarray:
@@ -164,12 +188,26 @@ class ViewCheck:
     ap_side_score: float  # log-odds that the AP image shows a left knee
     side_seen: str | None  # the side the AP image shows, where the score is past SIDE_MARGIN
     looks_swapped: bool
+    second_opinion: dict | None = None  # view_opinion.confirm_views' findings, where the band was hit
+
+    @property
+    def swap_score(self) -> float:
+        """How much more AP-like the --lateral image scores than the --ap image (log-odds)."""
+        return self.lateral_view_score - self.ap_view_score
+
+    @property
+    def ambiguous(self) -> bool:
+        """The swap score is in OPINION_BAND: the reconstruction's second opinion decides."""
+        return OPINION_BAND[0] < self.swap_score <= OPINION_BAND[1] and not self.looks_swapped
 
     def to_dict(self) -> dict:
-        return {"ap_image_ap_logodds": round(self.ap_view_score, 2),
-                "lateral_image_ap_logodds": round(self.lateral_view_score, 2),
-                "ap_image_left_logodds": round(self.ap_side_score, 2), "side_seen": self.side_seen,
-                "looks_swapped": self.looks_swapped}
+        d = {"ap_image_ap_logodds": round(self.ap_view_score, 2),
+             "lateral_image_ap_logodds": round(self.lateral_view_score, 2),
+             "ap_image_left_logodds": round(self.ap_side_score, 2), "side_seen": self.side_seen,
+             "looks_swapped": self.looks_swapped}
+        if self.second_opinion is not None:
+            d["second_opinion"] = self.second_opinion
+        return d
 
 
 def assess_views(ap: XRay, lateral: XRay, model: ViewModel | None = None) -> ViewCheck:
@@ -177,7 +215,7 @@ def assess_views(ap: XRay, lateral: XRay, model: ViewModel | None = None) -> Vie
     model = model or default_model()
     pa, pl = canonical_picture(ap), canonical_picture(lateral)
     sa, sl = model.view_score(pa), model.view_score(pl)
-    swapped = sl - sa > SWAP_MARGIN
+    swapped = sl - sa > SWAP_MARGIN  # beyond the band: refused without a second opinion
     side_pic = pl if swapped else pa  # the picture that looks like the AP
     ss = model.side_score(side_pic)
     seen = "left" if ss > SIDE_MARGIN else "right" if ss < -SIDE_MARGIN else None
@@ -188,15 +226,15 @@ def check_views(ap_source, lateral_source, ap: XRay, lateral: XRay, views_as_giv
                 model: ViewModel | None = None) -> ViewCheck | None:
     """Refuse (KneeReconError, exit 2) the same picture twice and, unless `views_as_given`, a pair
     that looks swapped. `*_source`: what the caller was given (paths or XRays), for the same-file
-    test. Returns the findings (None when `views_as_given` skips the view classifier)."""
+    test. Returns the findings (None when `views_as_given` skips the view classifier); where they
+    are `ambiguous`, the caller asks the reconstruction for a second opinion
+    (reconstruction/view_opinion.confirm_views)."""
     check_not_same(ap_source, lateral_source, ap, lateral)
     if views_as_given:
         return None
     vc = assess_views(ap, lateral, model)
     if vc.looks_swapped:
-        raise KneeReconError("the AP and the lateral image look swapped: the --ap image looks like a lateral view and "
-                             "the --lateral image like an AP view; give them the other way round, or pass "
-                             "--views-as-given (views_as_given=True) to reconstruct them as given")
+        raise SwappedViewsError()
     return vc
 
 

@@ -523,9 +523,12 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
 
     Before any network work the pair is checked (view_check.py): the same file or the same
     pixels given twice, or a pair whose views look swapped, raise KneeReconError (`views_as_given`
-    skips the view test, not the duplicate test). A `side` that the AP image or the reconstructed
-    fibula contradicts is kept but warned about in `Reconstruction.warnings`."""
+    skips the view test, not the duplicate test); where the view classifier is unsure, the pair is
+    also reconstructed swapped and refused if that fits the images much better (view_opinion.py).
+    A `side` that the AP image or the reconstructed fibula contradicts is kept but warned about in
+    `Reconstruction.warnings`."""
     from ..io.view_check import check_views
+    from .view_opinion import confirm_views
 
     t0 = time.perf_counter()
     side_ = side or "right"
@@ -557,6 +560,10 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
         out.notes.append(f"side not given: detected {out.side} from the fibula's position" if seen
                          else "side not given and not detectable (no fibula found): assumed right")
     out.timings_s = {"read": t_read, "load_model": t_load, **out.timings_s}
+    if vc is not None and vc.ambiguous:  # the classifier was unsure: the network's second opinion
+        t0 = time.perf_counter()
+        confirm_views(rec, vc, out)  # KneeReconError where the pair reconstructs better swapped
+        out.timings_s["view_second_opinion"] = time.perf_counter() - t0
     attach_view_check(out, vc, side)
     return out
 
