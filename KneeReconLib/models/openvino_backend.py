@@ -77,7 +77,7 @@ def beside_model(model_path: str) -> str:
 
 
 def int8_beside_model(model_path: str) -> str:
-    """The int8 IR that scripts/quantize_model.py writes: <model stem>.int8.openvino.xml. Its weights
+    """The int8 IR that `kneerecon export-openvino --int8` (models/quantize.py) writes: <model stem>.int8.openvino.xml. Its weights
     and activations are quantized (post-training, calibrated on training-set inputs); it carries the
     same source checksum as the float IR, so it is used only with the model file it was made from."""
     return os.path.splitext(model_path)[0] + ".int8.openvino.xml"

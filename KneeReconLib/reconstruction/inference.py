@@ -23,7 +23,7 @@ from ..io import resources
 from ..io.preprocessing import collimated_border, fill_collimation, normalize_intensity
 from ..io.xray_io import XRay, read_xray, with_side
 from ..models.model_card import network_divisor, reconstruction_card
-from ..models.cpu_features import cpu_has_fast_bf16  # noqa: F401 - re-exported (bench/)
+from ..models.cpu_features import cpu_has_fast_bf16  # (bench/bench_inference.py imports it from here too)
 from . import quality
 from .refine import finer_grid, refine_labels
 from .surfaces import bone_surface, clean_labels
