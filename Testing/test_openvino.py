@@ -148,9 +148,9 @@ def test_export_openvino_cli_writes_beside_the_model(tmp_path, capsys):
 
 def test_backend_choice_and_errors(monkeypatch):
     assert Reconstructor(MODEL, backend="torch").ov is None
-    assert Reconstructor(MODEL, tta=True).backend == "torch"  # probabilities are averaged: PyTorch
-    with pytest.raises(KneeReconError, match="test-time augmentation"):
-        Reconstructor(MODEL, backend="openvino", tta=True)
+    assert Reconstructor(MODEL, tta=True).backend == "openvino"  # mirror TTA: two passes of the IR
+    with pytest.raises(KneeReconError, match="ensembles run with --backend torch only"):
+        Reconstructor(MODEL, backend="openvino", ensemble=[MODEL])
     with pytest.raises(KneeReconError, match="unknown backend"):
         Reconstructor(MODEL, backend="tensorrt")
     monkeypatch.setattr(openvino_backend, "available", lambda: False)
@@ -169,3 +169,35 @@ def test_openvino_failure_falls_back_or_says_so(monkeypatch):
     assert rec.predict(np.zeros((2, 32, 32, 32), np.float32)).shape == (32, 32, 32)
     with pytest.raises(KneeReconError, match="OpenVINO could not run kneerecon_unet.pt .*unsupported\\); use --backend torch"):
         Reconstructor(MODEL, backend="openvino")
+
+
+def test_mirror_tta_on_openvino_matches_pytorch_and_keeps_one_pass_for_the_margin():
+    """--tta on the default OpenVINO path averages the knee and its mirror image as the PyTorch path
+    does: the same labels to float rounding (f32 on both), the averaged scores are log-probabilities,
+    and the quality margin reads the unmirrored pass's own logits."""
+    import SimpleITK as sitk
+
+    from KneeReconLib.evaluation.metrics import dice_per_class
+
+    ap = read_xray(os.path.join(SAMPLE, "ap.nrrd"), "ap", None, None, None, "left")
+    lat = read_xray(os.path.join(SAMPLE, "lateral.nrrd"), "lateral", None, None, None, "left")
+    grid = ReconGrid.for_network(ap.geometry, lat.geometry, 128)
+    vol = backproject(XRay(normalize_intensity(ap.pixels), ap.geometry),
+                      XRay(normalize_intensity(lat.pixels), lat.geometry), grid)
+    ov = Reconstructor(MODEL, amp=False, tta=True)
+    pt = Reconstructor(MODEL, amp=False, tta=True, backend="torch")
+    plain = Reconstructor(MODEL, amp=False)
+    lab_ov, logp = ov.predict_scores(vol)
+    lab_pt, _ = pt.predict_scores(vol)
+    lab_1, logits_1 = plain.predict_scores(vol)
+    assert (lab_ov == lab_pt).mean() > 0.9995
+    assert 0.98 < (lab_ov == lab_1).mean() < 1.0  # a real second opinion, not a copy of the first pass
+    p = np.exp(logp)
+    assert np.allclose(p.sum(0), 1.0, atol=1e-4) and np.array_equal(p.argmax(0), lab_ov)
+    assert np.allclose(ov.single_scores, logits_1, atol=1e-3)
+    rec = ov.run(ap, lat, "left", surfaces=False)
+    truth = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz")), rec.labels,
+                                                 sitk.Transform(), sitk.sitkNearestNeighbor))
+    d = dice_per_class(sitk.GetArrayFromImage(rec.labels), truth)
+    assert d[1] > 0.85 and d[3] > 0.85
+    assert rec.quality["bones"]["femur"]["confidence_margin"] is not None  # judged on one network's probabilities

@@ -123,7 +123,7 @@ def test_a_model_without_converted_network_and_no_torch_says_how_to_convert(tmp_
     # the other ways PyTorch is asked for say so too
     for args, what in ((["--backend", "torch"], "--backend torch needs PyTorch"),
                        (["--device", "cuda"], "--device cuda needs PyTorch"),
-                       (["--tta"], "test-time augmentation and ensembles need PyTorch")):
+                       (["--ensemble"], "ensembles need PyTorch")):
         code2 = code.replace(f"'--model', {str(model)!r}, ", ", ".join(repr(x) for x in args) + ", ")
         r = subprocess.run([sys.executable, "-c", code2], env=_env(tmp_path), capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and what in r.stderr and "kneerecon[train]" in r.stderr, (args, r.stderr[-1000:])

@@ -54,6 +54,9 @@ def main():
     def env_for(path):
         env = dict(os.environ)
         env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # an installed package has its modules compiled (pip does it); without this a checkout whose
+        # environment sets PYTHONDONTWRITEBYTECODE recompiles ~30 modules on every run (~0.07 s)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         return env
 
     env = env_for(a.python_path or ROOT)

@@ -3,6 +3,8 @@ reconstruction grid (channel 0 = AP, channel 1 = lateral). Parallel beam replica
 the resampled image; cone beam samples each detector where each voxel projects."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ..core.geometry import ReconGrid, ViewGeometry
@@ -56,6 +58,14 @@ def backproject(ap: XRay, lateral: XRay, grid: ReconGrid, lateral_offset_mm: flo
     """The 2-channel input volume [2, nz, ny, nx] (float32)."""
     dx, dy = shift_mm
     out = np.empty((2,) + tuple(grid.shape), np.float32)
-    out[0] = backproject_view(ap, grid, (dx, dy, 0.0))
-    out[1] = backproject_view(lateral, grid, (dx, dy, lateral_offset_mm))
+    if not (ap.geometry.cone or lateral.geometry.cone):  # a few milliseconds: no thread worth starting
+        out[0] = backproject_view(ap, grid, (dx, dy, 0.0))
+        out[1] = backproject_view(lateral, grid, (dx, dy, lateral_offset_mm))
+        return out
+    # cone beam: numpy's gathers release the GIL, so the two views run side by side (0.14 -> 0.11 s
+    # for the sample on two cores)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        lat = pool.submit(backproject_view, lateral, grid, (dx, dy, lateral_offset_mm))
+        out[0] = backproject_view(ap, grid, (dx, dy, 0.0))
+        out[1] = lat.result()
     return out

@@ -138,8 +138,8 @@ BACKENDS = ("auto", "torch", "openvino")
 
 def pick_backend(backend: str, device: str, averaged: bool) -> str:
     """The network's runtime: OpenVINO on the CPU where the package is installed (faster), else
-    PyTorch; PyTorch always on CUDA and where probabilities are averaged (`averaged`: test-time
-    augmentation or an ensemble; the OpenVINO model returns labels)."""
+    PyTorch; PyTorch always on CUDA and for an ensemble (`averaged`: several models' probabilities
+    are averaged). Mirror test-time augmentation (`tta`) runs on either."""
     from ..models import openvino_backend
 
     if backend not in BACKENDS:
@@ -148,7 +148,7 @@ def pick_backend(backend: str, device: str, averaged: bool) -> str:
         if device != "cpu":
             raise KneeReconError("the OpenVINO backend runs on the CPU only; use --device cpu or --backend torch")
         if averaged:
-            raise KneeReconError("test-time augmentation and ensembles run with --backend torch only")
+            raise KneeReconError("ensembles run with --backend torch only")
         if not openvino_backend.available():
             raise KneeReconError("--backend openvino needs the openvino package (pip install openvino)")
         return "openvino"
@@ -156,12 +156,26 @@ def pick_backend(backend: str, device: str, averaged: bool) -> str:
         return "openvino"
     if not torch_available():
         if averaged:
-            raise KneeReconError(f"test-time augmentation and ensembles need PyTorch, which is not installed: {TORCH_HINT}")
+            raise KneeReconError(f"ensembles need PyTorch, which is not installed: {TORCH_HINT}")
         if backend == "torch":
             raise KneeReconError(f"--backend torch needs PyTorch, which is not installed: {TORCH_HINT}")
         raise KneeReconError("neither of the network's runtimes is installed: pip install openvino (the CPU runtime, "
                              "about 60 MB) or " + TORCH_HINT)
     return "torch"
+
+
+def mirror_average(first: np.ndarray, mirrored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, log of the mean class probabilities) of two passes' logits [K, z, y, x]: the input
+    as given and the input mirrored along x, whose scores are flipped back here."""
+    def softmax(z):
+        e = np.exp(z - z.max(0, keepdims=True))
+        e /= e.sum(0, keepdims=True)
+        return e
+    # in float32: the IR returns its scores in fp16, where 1e-8 underflows and exp loses digits
+    p = softmax(np.asarray(first, np.float32))
+    p += softmax(np.asarray(mirrored[..., ::-1], np.float32))
+    p *= 0.5
+    return p.argmax(0).astype(np.uint8), np.log(np.maximum(p, 1e-8, out=p), out=p)
 
 
 def openvino_threads() -> int:
@@ -211,8 +225,9 @@ class Reconstructor:
             self.style = StyleTransfer(style, self.device)
             self.style_path = style
         self.divisor = network_divisor(self.card.get("architecture", {}))
-        self.backend = pick_backend(backend, self.device, tta or bool(ensemble))
+        self.backend = pick_backend(backend, self.device, bool(ensemble))
         self._net, self.ov, self._precision, self.dtype = None, None, None, None
+        self.single_scores = None  # with --tta: the unmirrored pass's logits (the quality margin reads them)
         self.members, self.member_cards = [], []
         size = int(self.card.get("grid_size", 128))
         in_channels = int(self.card.get("architecture", {}).get("in_channels", 2))
@@ -255,7 +270,7 @@ class Reconstructor:
         return self._net
 
     def _setup_torch(self, ensemble: list[str] | None) -> None:
-        torch = needs_torch("--backend torch" if not ensemble and not self.tta else "--ensemble and --tta")
+        torch = needs_torch("--backend torch" if not ensemble else "--ensemble")
         from ..models.checkpoint import load_model
         from ..models.fused_unet import fuse_for_inference
         from ..models.network import fold_batchnorm, to_channels_last
@@ -305,8 +320,18 @@ class Reconstructor:
         """(labels, class scores [K, z, y, x] float) of the network for a 2-channel volume; the
         scores are logits (log-probabilities when members or TTA are averaged), None where an
         OpenVINO IR converted before 0.5 returns labels only. With scores=False: the labels alone."""
+        self.single_scores = None
         if self.ov is not None:
-            return self.ov(volume, scores=scores)
+            if not self.tta:
+                return self.ov(volume, scores=scores)
+            if not self.ov.has_scores:
+                raise KneeReconError("this model's converted network returns no class scores, which --tta averages: "
+                                     "re-convert it with kneerecon export-openvino, or use --backend torch")
+            _, first = self.ov(volume, scores=True)  # a copy: the output buffer is reused by the second pass
+            _, mirrored = self.ov(np.ascontiguousarray(volume[..., ::-1]), scores=True)
+            self.single_scores = first
+            labels, logp = mirror_average(first, mirrored)
+            return (labels, logp) if scores else labels
         import torch
 
         x = torch.from_numpy(volume)[None].to(self.device, self.dtype)
@@ -321,7 +346,10 @@ class Reconstructor:
                 return (labels, logits[0].float().cpu().numpy()) if scores else labels
             p = 0
             for net in [self.net] + self.members:
-                p = p + torch.softmax(net(x).float(), 1)
+                logits = net(x).float()
+                if net is self.net and not self.members:
+                    self.single_scores = logits[0].cpu().numpy()
+                p = p + torch.softmax(logits, 1)
                 if self.tta:  # the knee mirrored left<->right (the input flipped along x, the same
                     # input a mirrored knee would give) and the prediction flipped back
                     p = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1)
@@ -445,29 +473,36 @@ class Reconstructor:
         if seen and seen != side:
             notes.append(f"the reconstructed fibula lies on the {seen} knee's lateral side, but the side given is "
                          f"{side}: check the side and the images' orientation (AP columns toward the patient's left)")
+        if z_centre:
+            net_grid = ReconGrid(net_grid.shape, net_grid.spacing, (net_grid.origin[0], net_grid.origin[1],
+                                                                     net_grid.origin[2] + z_centre))
+        # the margin thresholds are calibrated on one network's probabilities; an ensemble's averaged
+        # ones are less peaked, so their margin is not judged
+        # (with mirror TTA alone the margin reads the unmirrored pass: one network's probabilities)
+        q_scores = None if self.members else (self.single_scores if self.tta else net_scores)
+
+        def measure_quality():
+            t0 = time.perf_counter()
+            m = quality.measure(lab, grid, *shown, offset["applied_mm"], raw, net_grid, q_scores, self.quality_config)
+            return m, time.perf_counter() - t0
         surf = {}
         if surfaces:
             t0 = time.perf_counter()
             check(0.65, "building the bone surfaces")
-            # VTK's filters release the GIL: two threads build two bones at once; progress and
-            # cancel stay on the calling (GUI) thread
+            # VTK's filters release the GIL: two threads build two bones at once while this thread
+            # measures the quality report (numpy); progress and cancel stay on the calling (GUI) thread
             with ThreadPoolExecutor(max_workers=2) as pool:
                 futures = {pool.submit(bone_surface, lab == b.value, grid): b.name for b in BONES}
+                measured, t_measure = measure_quality()
                 for i, fut in enumerate(as_completed(futures)):
                     surf[futures[fut]] = fut.result()
                     check(0.65 + 0.3 * (i + 1) / len(BONES), f"built the {futures[fut]} surface")
             surf = {b.name: surf[b.name] for b in BONES}
-            t["surfaces"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            t["surfaces"] = time.perf_counter() - t0  # with the quality measurement beside it
+        else:
+            measured, t_measure = measure_quality()
+        t0 = time.perf_counter() - t_measure
         check(0.97, "checking the reconstruction against the X-rays")
-        if z_centre:
-            net_grid = ReconGrid(net_grid.shape, net_grid.spacing, (net_grid.origin[0], net_grid.origin[1],
-                                                                     net_grid.origin[2] + z_centre))
-        # the margin thresholds are calibrated on one network's probabilities; averaged ones (an
-        # ensemble, TTA) are less peaked, so their margin is not judged
-        averaged = self.tta or bool(self.members)
-        q_scores = None if averaged else net_scores
-        measured = quality.measure(lab, grid, *shown, offset["applied_mm"], raw, net_grid, q_scores, self.quality_config)
         keep = None
         if self.keep_quality_inputs:
             keep = {"raw": raw, "raw_grid": net_grid,

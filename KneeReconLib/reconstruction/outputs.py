@@ -10,6 +10,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import SimpleITK as sitk
@@ -151,15 +152,20 @@ def write_outputs(rec: Reconstruction, folder: str, force: bool = False) -> dict
     try:
         t = {}
         t0 = time.perf_counter()
-        sitk.WriteImage(rec.labels, os.path.join(tmp, "labels.nii.gz"), True)
-        write_seg_nrrd(rec.labels, os.path.join(tmp, "segmentation.seg.nrrd"), rec.side)
-        for name, poly in rec.surfaces.items():
-            write_stl(poly, os.path.join(tmp, f"{name}.stl"))
-        t["write_volumes_surfaces"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        overlay_png(rec.ap.pixels, rec.lateral.pixels, rec.labels_array(), rec.grid, rec.ap.geometry,
-                    rec.lateral.geometry, os.path.join(tmp, "overlay.png"), lateral_offset_mm=rec.lateral_offset_mm)
-        t["overlay"] = time.perf_counter() - t0
+
+        def overlay():  # numpy and Pillow, beside the volume and surface writers
+            t1 = time.perf_counter()
+            overlay_png(rec.ap.pixels, rec.lateral.pixels, rec.labels_array(), rec.grid, rec.ap.geometry,
+                        rec.lateral.geometry, os.path.join(tmp, "overlay.png"), lateral_offset_mm=rec.lateral_offset_mm)
+            return time.perf_counter() - t1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            drawn = pool.submit(overlay)
+            sitk.WriteImage(rec.labels, os.path.join(tmp, "labels.nii.gz"), True)
+            write_seg_nrrd(rec.labels, os.path.join(tmp, "segmentation.seg.nrrd"), rec.side)
+            for name, poly in rec.surfaces.items():
+                write_stl(poly, os.path.join(tmp, f"{name}.stl"))
+            t["write_volumes_surfaces"] = time.perf_counter() - t0
+            t["overlay"] = drawn.result()  # an error in the drawing surfaces here, before anything is renamed
         report = report_dict(rec, t)
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report, f, indent=1)

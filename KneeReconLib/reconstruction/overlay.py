@@ -107,4 +107,5 @@ def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: st
         canvas.paste(p, (x, 0))
         x += p.width + 8
     with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+        # zlib level 1: a quarter of the default level's time for a file about 30 % larger
+        canvas.save(tmp, format="PNG", compress_level=1)
