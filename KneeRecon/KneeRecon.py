@@ -83,6 +83,7 @@ class KneeReconParameterNode:
     backend: Annotated[str, Choice(["auto", "openvino", "torch"])] = "auto"
     createModels: bool = True
     ensemble: bool = False
+    mirror: bool = True  # mirror test-time augmentation (kneerecon reconstruct --tta, the default)
     outputSegmentation: vtkMRMLSegmentationNode
     exportFolder: str = ""
     exportStl: bool = True
@@ -191,7 +192,7 @@ class KneeReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         modelPath=p.modelPath or None, device=p.device, segmentationNode=p.outputSegmentation,
                         createModels=p.createModels, progress=self._progress, cancel=lambda: self._cancelRequested,
                         heightOffset="auto" if p.correctHeightOffset else "none", ensemble=p.ensemble,
-                        backend=p.backend, viewsAsGiven=p.viewsAsGiven)
+                        backend=p.backend, viewsAsGiven=p.viewsAsGiven, mirror=p.mirror)
                 except SwappedViewsError as e:  # in the status too: it names the checkbox that overrides it
                     self.ui.statusLabel.text = _("Refused: {why}.").format(why=e)
                     raise

@@ -49,17 +49,19 @@ class KneeReconMRMLLogic:
 
     @classmethod
     def getReconstructor(cls, modelPath: str | None = None, device: str = "cpu", backend: str = "auto",
-                         ensemble: bool = False):
-        """The KneeReconLib Reconstructor for these settings, loaded on first use and then kept. A
+                         ensemble: bool = False, mirror: bool = True):
+        """The KneeReconLib Reconstructor for these settings (`mirror`: mirror test-time
+        augmentation, as `kneerecon reconstruct --tta`), loaded on first use and then kept. A
         model file changed on disk since it was loaded (size or time) is loaded again."""
         from KneeReconLib.reconstruction.inference import DEFAULT_ENSEMBLE, DEFAULT_MODEL, Reconstructor, pick_device
 
         path = os.path.abspath(modelPath or DEFAULT_MODEL)
         stamp = (os.path.getmtime(path), os.path.getsize(path)) if os.path.exists(path) else None
-        key = (path, pick_device(device), backend, bool(ensemble))
+        key = (path, pick_device(device), backend, bool(ensemble), bool(mirror))
         cached = cls._reconstructors.get(key)
         if cached is None or cached[0] != stamp:
-            rec = Reconstructor(modelPath, key[1], backend=backend, ensemble=DEFAULT_ENSEMBLE if ensemble else None)
+            rec = Reconstructor(modelPath, key[1], backend=backend, ensemble=DEFAULT_ENSEMBLE if ensemble else None,
+                                tta=bool(mirror))
             cls._reconstructors[key] = cached = (stamp, rec)
         return cached[1]
 
@@ -122,10 +124,10 @@ class KneeReconMRMLLogic:
                     sid: float | None = None, sod: float | None = None, modelPath: str | None = None,
                     device: str = "cpu", segmentationNode=None, createModels: bool = True,
                     progress=None, cancel=None, heightOffset="auto", ensemble: bool = False,
-                    backend: str = "auto", viewsAsGiven: bool = False):
+                    backend: str = "auto", viewsAsGiven: bool = False, mirror: bool = True):
         """Run KneeRecon and put the result into the scene (`ensemble`: average with the bundled
         ChenNet, see `kneerecon reconstruct --ensemble`; `backend`: auto, openvino or torch, as
-        `kneerecon reconstruct --backend`). The model is loaded once per session
+        `kneerecon reconstruct --backend`; `mirror`: mirror test-time augmentation, as `--tta`). The model is loaded once per session
         (getReconstructor). Returns the segmentation node; the full `Reconstruction` is kept in
         `self.lastReconstruction`. The pair is checked first as `kneerecon reconstruct` checks it
         (KneeReconError for the same picture twice or swapped views unless `viewsAsGiven`, the
@@ -139,7 +141,7 @@ class KneeReconMRMLLogic:
         lat = self.xrayFromVolumeNode(lateralNode, "lateral", pixelSpacing, side, sid, sod)
         try:
             viewCheck = check_views(ap, lat, ap, lat, viewsAsGiven)
-            reconstructor = self.getReconstructor(modelPath, device, backend, ensemble)
+            reconstructor = self.getReconstructor(modelPath, device, backend, ensemble, mirror)
             rec = reconstructor.run(ap, lat, side, surfaces=createModels, progress=progress, cancel=cancel,
                                     height_offset=heightOffset)
             # the classifier unsure (nearly straight knees): the pair is also reconstructed swapped

@@ -30,7 +30,7 @@ def sample_volume():
 
 
 def test_bundled_ir_belongs_to_the_bundled_model_and_agrees_with_fp32(sample_volume):
-    rec = Reconstructor(MODEL, amp=False)  # the float IR in f32 (amp would pick bf16 or the int8 IR)
+    rec = Reconstructor(MODEL, amp=False, tta=False)  # the float IR in f32 (amp would pick bf16 or the int8 IR)
     assert rec.backend == "openvino" and "OpenVINO f32" in rec.precision
     # the shipped IR is used, so it was exported from this very model file (re-export after retraining)
     assert rec.ov.ir_path == openvino_backend.beside_model(MODEL)
@@ -52,7 +52,7 @@ def test_bundled_int8_ir_is_used_without_native_bf16_and_agrees(sample_volume):
     core = openvino_backend.import_openvino().Core()
     path, model = openvino_backend.find_int8_ir(core, MODEL)
     assert path == int8, "the bundled int8 IR was not made from the bundled model file: re-quantize it"
-    rec = Reconstructor(MODEL)
+    rec = Reconstructor(MODEL, tta=False)
     if openvino_backend.native_bf16(core):  # bf16 is native and fast here: it stays the default
         assert rec.ov.precision == "bf16"
     else:
@@ -186,7 +186,7 @@ def test_mirror_tta_on_openvino_matches_pytorch_and_keeps_one_pass_for_the_margi
                       XRay(normalize_intensity(lat.pixels), lat.geometry), grid)
     ov = Reconstructor(MODEL, amp=False, tta=True)
     pt = Reconstructor(MODEL, amp=False, tta=True, backend="torch")
-    plain = Reconstructor(MODEL, amp=False)
+    plain = Reconstructor(MODEL, amp=False, tta=False)
     lab_ov, logp = ov.predict_scores(vol)
     lab_pt, _ = pt.predict_scores(vol)
     lab_1, logits_1 = plain.predict_scores(vol)

@@ -75,7 +75,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def evaluate_model(model: str | None, data: list[str], device: str = "cpu", out_dir: str | None = None,
-                   phantoms: int = 0, seed0: int = TEST_SEED0, log=print, amp: bool = True, tta: bool = False,
+                   phantoms: int = 0, seed0: int = TEST_SEED0, log=print, amp: bool = True, tta: bool = True,
                    backend: str = "auto", ensemble: list[str] | None = None) -> dict:
     """Per-case and mean Dice/Chamfer/ASSD/HD95 of a model on cached cases and/or fresh test
     phantoms; `amp=False` runs the network in fp32 (the reference the fast path is checked against)."""
@@ -127,7 +127,8 @@ def print_table(res: dict) -> None:
 
 
 def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu", log=print, style: str | None = None,
-                   ensemble: list[str] | None = None, backend: str = "auto", refine: int = 1) -> list[dict]:
+                   ensemble: list[str] | None = None, backend: str = "auto", refine: int = 1,
+                   tta: bool = True) -> list[dict]:
     """Reconstruct X-ray files and compare with a 3D truth by physical coordinates.
 
     Each folder holds ap.<ext>, lateral.<ext>, truth.nii.gz and optionally meta.json (side).
@@ -149,7 +150,7 @@ def evaluate_files(model: str | None, case_dirs: list[str], device: str = "cpu",
             side = json.load(open(os.path.join(d, "meta.json"))).get("side")
         t0 = time.perf_counter()
         rec = reconstruct(find("ap"), find("lateral"), side=side, model=model, device=device, surfaces=False, style=style,
-                          ensemble=ensemble, backend=backend, refine=refine)
+                          ensemble=ensemble, backend=backend, refine=refine, tta=tta)
         dt = time.perf_counter() - t0
         truth = sitk.ReadImage(os.path.join(d, "truth.nii.gz"))
         pred = sitk.Resample(rec.labels, truth, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

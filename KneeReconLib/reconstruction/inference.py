@@ -207,7 +207,7 @@ class Reconstructor:
     """Holds a loaded model; `run` reconstructs one X-ray pair."""
 
     def __init__(self, model_path: str | None = None, device: str = "cpu", amp: bool = True, style: str | None = None,
-                 tta: bool = False, backend: str = "auto", ensemble: list[str] | None = None):
+                 tta: bool = True, backend: str = "auto", ensemble: list[str] | None = None):
         self.model_path = os.path.abspath(model_path or DEFAULT_MODEL)
         if model_path is None and not os.path.exists(self.model_path):
             raise KneeReconError(f"the bundled model is missing ({self.model_path}); pass --model PATH")
@@ -227,7 +227,8 @@ class Reconstructor:
         self.divisor = network_divisor(self.card.get("architecture", {}))
         self.backend = pick_backend(backend, self.device, bool(ensemble))
         self._net, self.ov, self._precision, self.dtype = None, None, None, None
-        self.single_scores = None  # with --tta: the unmirrored pass's logits (the quality margin reads them)
+        # with mirror TTA: the unmirrored pass's logits and labels (what the quality report judges)
+        self.single_scores = self.single_labels = None
         self.members, self.member_cards = [], []
         size = int(self.card.get("grid_size", 128))
         in_channels = int(self.card.get("architecture", {}).get("in_channels", 2))
@@ -312,24 +313,28 @@ class Reconstructor:
         """How the network runs, for the report (e.g. 'OpenVINO bf16, BatchNorm folded')."""
         return self._precision
 
-    def predict(self, volume: np.ndarray) -> np.ndarray:
+    def predict(self, volume: np.ndarray, tta: bool | None = None) -> np.ndarray:
         """Argmax labels of the network for a 2-channel volume [2, z, y, x]."""
-        return self.predict_scores(volume, scores=False)
+        return self.predict_scores(volume, scores=False, tta=tta)
 
-    def predict_scores(self, volume: np.ndarray, scores: bool = True):
+    def predict_scores(self, volume: np.ndarray, scores: bool = True, tta: bool | None = None):
         """(labels, class scores [K, z, y, x] float) of the network for a 2-channel volume; the
         scores are logits (log-probabilities when members or TTA are averaged), None where an
-        OpenVINO IR converted before 0.5 returns labels only. With scores=False: the labels alone."""
-        self.single_scores = None
+        OpenVINO IR converted before 0.5 returns labels only. With scores=False: the labels alone.
+        `tta`: mirror test-time augmentation for this call (None: the Reconstructor's setting);
+        with it, `single_scores` and `single_labels` keep the unmirrored pass's logits and labels (the
+        labels as the network's own argmax: OpenVINO's scores output is fp16, whose ties differ)."""
+        tta = self.tta if tta is None else tta
+        self.single_scores = self.single_labels = None
         if self.ov is not None:
-            if not self.tta:
+            if not tta:
                 return self.ov(volume, scores=scores)
             if not self.ov.has_scores:
                 raise KneeReconError("this model's converted network returns no class scores, which --tta averages: "
                                      "re-convert it with kneerecon export-openvino, or use --backend torch")
-            _, first = self.ov(volume, scores=True)  # a copy: the output buffer is reused by the second pass
+            single, first = self.ov(volume, scores=True)  # copies: the output buffers are reused by the second pass
             _, mirrored = self.ov(np.ascontiguousarray(volume[..., ::-1]), scores=True)
-            self.single_scores = first
+            self.single_scores, self.single_labels = first, single
             labels, logp = mirror_average(first, mirrored)
             return (labels, logp) if scores else labels
         import torch
@@ -340,7 +345,7 @@ class Reconstructor:
         cuda_amp = self.amp and self.device.startswith("cuda")
         dt = torch.bfloat16 if not cuda_amp or torch.cuda.is_bf16_supported() else torch.float16
         with torch.inference_mode(), torch.autocast("cuda", dtype=dt, enabled=cuda_amp):
-            if not self.tta and not self.members:
+            if not tta and not self.members:
                 logits = self.net(x)
                 labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
                 return (labels, logits[0].float().cpu().numpy()) if scores else labels
@@ -349,8 +354,9 @@ class Reconstructor:
                 logits = net(x).float()
                 if net is self.net and not self.members:
                     self.single_scores = logits[0].cpu().numpy()
+                    self.single_labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
                 p = p + torch.softmax(logits, 1)
-                if self.tta:  # the knee mirrored left<->right (the input flipped along x, the same
+                if tta:  # the knee mirrored left<->right (the input flipped along x, the same
                     # input a mirrored knee would give) and the prediction flipped back
                     p = p + torch.softmax(net(x.flip(-1)).float(), 1).flip(-1)
             labels = p.argmax(1)[0].to(torch.uint8).cpu().numpy()
@@ -359,14 +365,18 @@ class Reconstructor:
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
             cancel: Callable[[], bool] | None = None, height_offset: float | str | None = "auto",
-            refine: int = 1, quality_mode: str = "standard") -> Reconstruction:
+            refine: int = 1, quality_mode: str = "standard", tta: bool | None = None) -> Reconstruction:
         """Reconstruct one pair. `height_offset`: "auto" estimates the lateral view's vertical
         displacement against the AP from the images and corrects it (when the estimate is
         reliable); a number (mm, positive = lateral content higher) corrects that much;
         None or "none" corrects nothing. `refine`: the output grid has this many times DESIGN.md's
         voxels per axis (1-3), labelled from the network's class scores interpolated (refine.py).
         `quality_mode` "thorough": the quality report also runs the network a second time on
-        perturbed inputs and compares the two (quality.consistency; one more network pass)."""
+        perturbed inputs and compares the two (quality.consistency; one more network pass).
+        `tta`: mirror test-time augmentation for this pair (None: the Reconstructor's setting). With
+        it the written bones average both passes, while the quality report judges the unmirrored
+        pass alone: the probabilities and labels its settings were fitted on."""
+        tta = self.tta if tta is None else tta
         if quality_mode not in QUALITY_MODES:
             raise KneeReconError(f"quality mode must be one of {', '.join(QUALITY_MODES)}, got {quality_mode!r}")
         progress = progress or (lambda f, m: None)
@@ -449,19 +459,31 @@ class Reconstructor:
         # bones' boundaries between the network's voxels there (refine.py)
         # (with PyTorch always: the quality report's margin reads them; OpenVINO keeps them in its
         # output buffer, read there without a copy)
-        raw, scores = self.predict_scores(vol) if grid != out_grid or self.ov is None else (self.predict(vol), None)
+        raw, scores = (self.predict_scores(vol, tta=tta) if grid != out_grid or self.ov is None
+                       else (self.predict(vol, tta=tta), None))
         net_scores = scores if scores is not None else (self.ov.last_scores() if self.ov is not None else None)
+        single = self.single_scores if tta and not self.members else None  # the unmirrored pass's logits
         t["network"] = time.perf_counter() - t0
         check(0.6, "cleaning the label map")
         t0 = time.perf_counter()
-        lab = clean_labels(raw)
-        if grid != out_grid and scores is not None:
-            lab = refine_labels(scores, lab, grid, out_grid)
-        elif grid != out_grid:
-            lab = resample_labels(lab, grid, out_grid)
-            if refine > 1:
-                notes.append("this model's converted network returns no class scores: the finer grid holds the "
-                             "network's labels resampled (re-convert it with kneerecon export-openvino)")
+
+        def finished(raw_, scores_):  # the clean label map on the output grid
+            lab_ = clean_labels(raw_)
+            if grid != out_grid and scores_ is not None:
+                return refine_labels(scores_, lab_, grid, out_grid)
+            return resample_labels(lab_, grid, out_grid) if grid != out_grid else lab_
+        lab = finished(raw, scores)
+        if grid != out_grid and scores is None and refine > 1:
+            notes.append("this model's converted network returns no class scores: the finer grid holds the "
+                         "network's labels resampled (re-convert it with kneerecon export-openvino)")
+        # what the quality report judges: with mirror TTA the unmirrored pass (its settings were
+        # fitted on one pass's labels and probabilities), else the output itself; an ensemble's
+        # averaged probabilities are less peaked than one network's, so their margin is not judged
+        if single is not None:
+            raw_q = self.single_labels
+            lab_q, q_scores = finished(raw_q, single), single
+        else:
+            raw_q, lab_q, q_scores = raw, lab, (None if self.members else net_scores)
         net_grid, grid = grid, out_grid
         t["postprocess"] = time.perf_counter() - t0
         if z_centre:  # back from the cropped window's frame to the images' own
@@ -476,14 +498,11 @@ class Reconstructor:
         if z_centre:
             net_grid = ReconGrid(net_grid.shape, net_grid.spacing, (net_grid.origin[0], net_grid.origin[1],
                                                                      net_grid.origin[2] + z_centre))
-        # the margin thresholds are calibrated on one network's probabilities; an ensemble's averaged
-        # ones are less peaked, so their margin is not judged
-        # (with mirror TTA alone the margin reads the unmirrored pass: one network's probabilities)
-        q_scores = None if self.members else (self.single_scores if self.tta else net_scores)
 
         def measure_quality():
             t0 = time.perf_counter()
-            m = quality.measure(lab, grid, *shown, offset["applied_mm"], raw, net_grid, q_scores, self.quality_config)
+            m = quality.measure(lab_q, grid, *shown, offset["applied_mm"], raw_q, net_grid, q_scores,
+                                self.quality_config)
             return m, time.perf_counter() - t0
         surf = {}
         if surfaces:
@@ -505,12 +524,12 @@ class Reconstructor:
         check(0.97, "checking the reconstruction against the X-rays")
         keep = None
         if self.keep_quality_inputs:
-            keep = {"raw": raw, "raw_grid": net_grid,
+            keep = {"raw": raw_q, "raw_grid": net_grid,
                     "margin": quality.margin_map(q_scores) if q_scores is not None else None}
         if quality_mode == "thorough":
             check(0.98, "checking the reconstruction's stability (a second network pass)")
-            raw2 = self._perturbed_pass(*bp, -offset["applied_mm"])
-            for b, d in quality.consistency(raw, raw2, self.quality_config.perturb_shift_voxels).items():
+            raw2 = self._perturbed_pass(*bp, -offset["applied_mm"], tta=tta and single is None)
+            for b, d in quality.consistency(raw_q, raw2, self.quality_config.perturb_shift_voxels).items():
                 measured[b]["consistency_dice"] = d
             if keep is not None:
                 keep["raw2"] = raw2
@@ -531,7 +550,8 @@ class Reconstructor:
             rec.quality_inputs = keep
         return rec
 
-    def _perturbed_pass(self, ap: XRay, lateral: XRay, grid: ReconGrid, lateral_offset_mm: float) -> np.ndarray:
+    def _perturbed_pass(self, ap: XRay, lateral: XRay, grid: ReconGrid, lateral_offset_mm: float,
+                        tta: bool = False) -> np.ndarray:
         """The network's labels for the same pair with the contrast changed (normalised intensities
         raised to `perturb_gamma`) on a grid moved by `perturb_shift_voxels` along every axis: a
         stable reconstruction barely changes, a doubtful bone does."""
@@ -543,13 +563,13 @@ class Reconstructor:
             a = normalize_intensity(x.pixels)
             return XRay(np.sign(a) * np.abs(a) ** cfg.perturb_gamma, x.geometry)
         vol = backproject(perturbed(ap), perturbed(lateral), moved, lateral_offset_mm=lateral_offset_mm)
-        return self.predict(vol)
+        return self.predict(vol, tta=tta)
 
 
 def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: float | None = None,
                 sod: float | None = None, model: str | None = None, device: str = "cpu",
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
-                style: str | None = None, tta: bool = False, backend: str = "auto",
+                style: str | None = None, tta: bool = True, backend: str = "auto",
                 ensemble: list[str] | None = None, views_as_given: bool = False, refine: int = 1,
                 quality_mode: str = "standard") -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s).

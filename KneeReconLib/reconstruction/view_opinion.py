@@ -69,9 +69,10 @@ def swap_gain(given: np.ndarray, swapped: np.ndarray, slots: np.ndarray = EVIDEN
 
 
 def reconstruct_swapped_features(reconstructor, ap: XRay, lateral: XRay, side: str) -> np.ndarray:
-    """Outline features of the pair reconstructed swapped (one network pass, no surfaces)."""
+    """Outline features of the pair reconstructed swapped (one network pass, no surfaces; without
+    mirror TTA, whose quality report judges the unmirrored pass anyway)."""
     sap, slat = swap_views(ap, lateral)
-    return outline_features(reconstructor.run(sap, slat, side, surfaces=False).quality)
+    return outline_features(reconstructor.run(sap, slat, side, surfaces=False, tta=False).quality)
 
 
 def confirm_views(reconstructor, vc: ViewCheck | None, given, config: SwapOpinionConfig | None = None) -> dict | None:
