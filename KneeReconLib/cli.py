@@ -86,7 +86,7 @@ def cmd_reconstruct_batch(a) -> int:
     from .reconstruction.batch import BatchConfig, parse_shard, run_batch
 
     cfg = BatchConfig(model=a.model, device=a.device, workers=a.workers, shard=parse_shard(a.shard),
-                      views_as_given=a.views_as_given)
+                      views_as_given=a.views_as_given, tta=a.tta)
     path, rows = run_batch(a.manifest, a.output, cfg)
     failed = sum(r.get("status") != "ok" for r in rows)
     warned = sum(bool(r.get("warnings")) for r in rows)
@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--shard", metavar="K/N", help="run only shard K of N (cases by a hash of their id; writes "
                     "OUTPUT/summary-K-of-N.csv): one per SLURM array task or Kubernetes indexed job; then merge-batch")
     rb.add_argument("--views-as-given", action="store_true", help="skip the AP/lateral view check (see reconstruct)")
+    rb.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="mirror test-time augmentation (default on, see reconstruct); --no-tta: one pass, faster")
     rb.set_defaults(func=cmd_reconstruct_batch)
 
     mb = sub.add_parser("merge-batch", help="merge the shard summaries of reconstruct-batch --shard into summary.csv",

@@ -143,6 +143,7 @@ def test_cli_report_and_fail_on_review(tmp_path, bundled_model, capsys):
     assert rep["quality"]["verdict"] == "ok" and set(rep["quality"]["bones"]) == {"femur", "patella", "tibia", "fibula"}
     assert rep["quality"]["bones"]["tibia"]["outline"]["ap"]["agreement"] > 0.3
     assert "quality" in rep["timings_s"]  # its time: bench/bench_quality.py, not a timed test
+    assert rep["test_time_augmentation"] == "mirror"  # the default
 
     # a broken pair: the lateral view moved 15 mm up and the height correction switched off, so the
     # two views disagree and the network's bones cannot match both

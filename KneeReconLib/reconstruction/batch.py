@@ -51,6 +51,7 @@ class BatchConfig:
     workers: int = 1
     shard: tuple[int, int] | None = None  # (K, N), K = 1..N
     views_as_given: bool = False
+    tta: bool = True  # mirror test-time augmentation (reconstruct --tta)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -140,7 +141,7 @@ def _one(args) -> dict:
     try:
         with output_lock(out):
             rec = reconstruct(row["ap"], row["lateral"], model=cfg.model, device=cfg.device,
-                              views_as_given=cfg.views_as_given, **_case_args(row))
+                              views_as_given=cfg.views_as_given, tta=cfg.tta, **_case_args(row))
             rep = write_outputs(rec, out, force=True)
         res.update(_from_report(rep, row["id"]))
     except KneeReconError as e:

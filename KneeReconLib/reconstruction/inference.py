@@ -543,6 +543,7 @@ class Reconstructor:
         rec = Reconstruction(grid.to_image(lab), grid, surf, volumes, t, self.card, *shown, side, self.device, notes)
         rec.detected_side = seen
         rec.precision = self.precision
+        rec.tta = bool(tta)
         rec.ensemble = [{"name": c.get("name"), "version": c.get("version")} for c in self.member_cards]
         rec.height_offset = offset
         rec.quality = report

@@ -129,6 +129,8 @@ def report_dict(rec: Reconstruction, extra_timings: dict | None = None) -> dict:
         "timings_s": {k: round(v, 4) for k, v in {**rec.timings_s, **(extra_timings or {})}.items()},
         "device": rec.device,
         "precision": getattr(rec, "precision", None),
+        # mirror: the bones average the pair and its left-right mirror image (the quality report judges the first)
+        "test_time_augmentation": "mirror" if getattr(rec, "tta", False) else None,
         "ensemble": getattr(rec, "ensemble", []),
         "height_offset": getattr(rec, "height_offset", None),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
