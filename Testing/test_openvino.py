@@ -188,6 +188,8 @@ def test_mirror_tta_on_openvino_matches_pytorch_and_keeps_one_pass_for_the_margi
     pt = Reconstructor(MODEL, amp=False, tta=True, backend="torch")
     plain = Reconstructor(MODEL, amp=False, tta=False)
     lab_ov, logp = ov.predict_scores(vol)
+    # labels only (the default path): averaged only where the passes disagree, the same labels
+    assert (ov.predict(vol) == lab_ov).mean() > 0.99999
     lab_pt, _ = pt.predict_scores(vol)
     lab_1, logits_1 = plain.predict_scores(vol)
     assert (lab_ov == lab_pt).mean() > 0.9995

@@ -46,6 +46,8 @@ def main():
     p.add_argument("--python-path", help="put this folder first on PYTHONPATH (another checkout)")
     p.add_argument("--baseline", metavar="DIR", help="also the default path of the checkout in DIR, interleaved")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--variant", action="append", default=[], metavar="ARGS",
+                   help="also the default path with these extra arguments (e.g. --variant=--no-tta), interleaved")
     p.add_argument("--cold", action="store_true", help="no warm-up run, and an empty cache of compiled networks "
                    "for the first run (what a fresh installation's first reconstruction costs)")
     a = p.parse_args()
@@ -66,6 +68,8 @@ def main():
     paths = {"default (OpenVINO, no torch)": ([], env)}  # label -> (extra arguments, environment)
     if not a.no_torch:
         paths["--backend torch"] = (["--backend", "torch"], env)
+    for v in a.variant:
+        paths[f"default {v}"] = (v.split(), env)
     if a.baseline:
         paths[f"baseline default ({os.path.basename(os.path.normpath(a.baseline))})"] = ([], env_for(os.path.abspath(a.baseline)))
     results = {k: [] for k in paths}
