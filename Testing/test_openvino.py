@@ -203,3 +203,18 @@ def test_mirror_tta_on_openvino_matches_pytorch_and_keeps_one_pass_for_the_margi
     d = dice_per_class(sitk.GetArrayFromImage(rec.labels), truth)
     assert d[1] > 0.85 and d[3] > 0.85
     assert rec.quality["bones"]["femur"]["confidence_margin"] is not None  # judged on one network's probabilities
+
+
+def test_mirror_tta_is_skipped_with_a_note_for_an_ir_without_scores(monkeypatch):
+    """An IR converted before 0.5 returns labels only: the default mirror TTA, which averages
+    scores, is skipped with a note instead of failing the reconstruction."""
+    rec = Reconstructor(MODEL)
+    monkeypatch.setattr(type(rec.ov), "has_scores", property(lambda self: False))
+    ap = read_xray(os.path.join(SAMPLE, "ap.nrrd"), "ap", None, None, None, "left")
+    lat = read_xray(os.path.join(SAMPLE, "lateral.nrrd"), "lateral", None, None, None, "left")
+    r = rec.run(ap, lat, "left", surfaces=False)
+    assert not r.tta and any("mirror test-time augmentation was skipped" in n for n in r.notes)
+    one = rec.run(ap, lat, "left", surfaces=False, tta=False)
+    assert np.array_equal(r.labels_array(), one.labels_array())
+    with pytest.raises(KneeReconError, match="returns no class scores"):
+        rec.predict(np.zeros((2, 128, 128, 128), np.float32))

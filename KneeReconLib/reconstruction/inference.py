@@ -139,7 +139,7 @@ BACKENDS = ("auto", "torch", "openvino")
 def pick_backend(backend: str, device: str, averaged: bool) -> str:
     """The network's runtime: OpenVINO on the CPU where the package is installed (faster), else
     PyTorch; PyTorch always on CUDA and for an ensemble (`averaged`: several models' probabilities
-    are averaged). Mirror test-time augmentation (`tta`) runs on either."""
+    are averaged). Mirror test-time augmentation runs on either runtime."""
     from ..models import openvino_backend
 
     if backend not in BACKENDS:
@@ -419,6 +419,10 @@ class Reconstructor:
         if size % div:
             raise KneeReconError(f"grid size {size} must be a multiple of {div} for this network")
         notes: list[str] = []
+        if tta and self.ov is not None and not self.ov.has_scores:  # an IR converted before 0.5
+            tta = False
+            notes.append("this model's converted network returns no class scores: mirror test-time augmentation "
+                         "was skipped (re-convert it with kneerecon export-openvino)")
         shown = (ap, lateral)  # the overlay shows the images as given
         # a long-leg image: reconstruct a knee-sized window around the joint (training saw 180-250 mm)
         z_centre = 0.0
