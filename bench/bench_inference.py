@@ -101,8 +101,10 @@ def main():
                     modes[f"OpenVINO {hint}, {label}"] = timeit(lambda: req.infer({0: xn})[0][0])
         else:
             print("openvino is not installed: its rows are left out")
-        rec = Reconstructor()  # what `kneerecon reconstruct` runs
-        modes[f"default path: {rec.precision}"] = timeit(lambda: rec.predict(vol))
+        rec = Reconstructor(tta=False)  # the network pass `kneerecon reconstruct` runs
+        modes[f"default path, one pass (--no-tta): {rec.precision}"] = timeit(lambda: rec.predict(vol))
+        both = Reconstructor()  # the default: mirror TTA, two passes (labels differ from one pass by design)
+        modes[f"default path, mirror TTA (two passes): {both.precision}"] = timeit(lambda: both.predict(vol))
         if all(os.path.exists(p) for p in DEFAULT_ENSEMBLE):
             ens = Reconstructor(ensemble=DEFAULT_ENSEMBLE)
             modes[f"--ensemble (U-Net + ChenNet, probabilities averaged): {ens.precision}"] = timeit(lambda: ens.predict(vol))
@@ -137,7 +139,7 @@ def test_set_dice(folder: str, net: torch.nn.Module) -> None:
     from KneeReconLib.evaluation.evaluate import score_labels
     from KneeReconLib.reconstruction.surfaces import clean_labels
 
-    rec = Reconstructor()
+    rec = Reconstructor(tta=False)  # one pass: compared with the fp32 eager network voxel by voxel
     fast, ref, agree = [], [], []
     for path in sorted(glob.glob(os.path.join(folder, "*.npz"))):
         case = load_case(path)

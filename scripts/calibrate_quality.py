@@ -151,7 +151,9 @@ def reconstruct_cases(model: str, cases: list[tuple[str, str]], cache: str) -> N
         dice = _score_labels(lab, r.grid, truth)
         g, rg = r.grid, qi["raw_grid"]
         tmp = os.path.join(d, key + ".tmp.npz")
-        np.savez_compressed(tmp, labels=lab, raw=qi["raw"], raw2=qi["raw2"], margin=qi["margin"],
+        # labels: the output (its Dice says good or bad); judged: what the report measures (with
+        # mirror TTA the unmirrored pass, Reconstructor.run)
+        np.savez_compressed(tmp, labels=lab, judged=qi["labels"], raw=qi["raw"], raw2=qi["raw2"], margin=qi["margin"],
                             ap=r.ap.pixels.astype(np.float32), lateral=r.lateral.pixels.astype(np.float32),
                             info=json.dumps({"source": source, "side": side, "dice": dice,
                                              "grid": [list(g.shape), list(g.spacing), list(g.origin)],
@@ -176,6 +178,7 @@ def _measure_one(path: str, broken: bool) -> list[dict]:
     with np.load(path) as z:
         info = json.loads(str(z["info"]))
         arr = {k: z[k] for k in ("labels", "raw", "raw2", "margin", "ap", "lateral")}
+        judged = z["judged"] if "judged" in z.files else arr["labels"]  # caches before TTA: the same
     grid = ReconGrid(*(tuple(v) for v in info["grid"]))
     raw_grid = ReconGrid(*(tuple(v) for v in info["raw_grid"]))
     geo = {k: ViewGeometry(**{**json.loads(info[k]), "spacing": tuple(json.loads(info[k])["spacing"])})
@@ -183,13 +186,13 @@ def _measure_one(path: str, broken: bool) -> list[dict]:
     ap, lat = XRay(arr["ap"], geo["ap_geom"]), XRay(arr["lateral"], geo["lat_geom"])
     cfg = QualityConfig()
     cons = quality.consistency(arr["raw"], arr["raw2"], cfg.perturb_shift_voxels)
-    q = quality.assess(arr["labels"], grid, ap, lat, info["lateral_offset_mm"], arr["raw"], raw_grid, None, cfg,
+    q = quality.assess(judged, grid, ap, lat, info["lateral_offset_mm"], arr["raw"], raw_grid, None, cfg,
                        margin=arr["margin"], consistency_dice=cons)
     rows = [{"case": info["source"], "dice": info["dice"], "quality": q}]
     if broken:
         truth = _load(info["source"])[3]
         for bone, mm in BROKEN.items():
-            moved = _moved(arr["labels"], grid, bone, mm)
+            moved = _moved(judged, grid, bone, mm)
             qb = quality.assess(moved, grid, ap, lat, info["lateral_offset_mm"])  # no network numbers: it did not make them
             dice = {b: (_score_labels(moved, grid, truth)[b] if b == bone else float("nan")) for b in BONE_NAMES}
             rows.append({"case": f"{info['source']} [{bone} moved {max(abs(x) for x in mm):g} mm]", "dice": dice,

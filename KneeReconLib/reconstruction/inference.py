@@ -547,7 +547,7 @@ class Reconstructor:
         check(0.97, "checking the reconstruction against the X-rays")
         keep = None
         if self.keep_quality_inputs:
-            keep = {"raw": raw_q, "raw_grid": net_grid,
+            keep = {"raw": raw_q, "raw_grid": net_grid, "labels": lab_q,
                     "margin": quality.margin_map(q_scores) if q_scores is not None else None}
         if quality_mode == "thorough":
             check(0.98, "checking the reconstruction's stability (a second network pass)")
