@@ -43,8 +43,8 @@ def shifted(mask: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
 
 
 def best_shift_dice(pred: np.ndarray, truth: np.ndarray, reach: int) -> tuple[float, tuple[int, int, int]]:
-    """Highest Dice of the prediction moved by up to `reach` voxels per axis (coordinate descent
-    from zero, then a full search of the +-1 neighbourhood of the best)."""
+    """Dice of the prediction moved by up to `reach` voxels per axis, maximised by coordinate
+    descent from zero (up to three sweeps over the axes)."""
     box = np.nonzero(pred | truth)
     if not len(box[0]):
         return 1.0, (0, 0, 0)
@@ -53,7 +53,8 @@ def best_shift_dice(pred: np.ndarray, truth: np.ndarray, reach: int) -> tuple[fl
     p = pred[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     t = truth[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     best, arg = dice(p, t), (0, 0, 0)
-    for _ in range(3):  # coordinate descent: the Dice surface of a translation is smooth and unimodal here
+    for _ in range(3):  # coordinate descent, axis by axis: it can stop at a local best, so the
+        # reported gain is a lower bound on what the best translation would give
         moved = False
         for ax in range(3):
             for s in range(-reach, reach + 1):
