@@ -74,6 +74,30 @@ def test_segments_names_colours_terminology(recon):
     assert pd.GetNumberOfPoints() > 500
 
 
+def test_segments_share_one_layer_and_show_the_library_surfaces(recon):
+    """The four bones in one labelmap layer holding the reconstruction's labels, and as their 3D
+    representation the library's surfaces in RAS (the model nodes' and the STL files'), not a
+    second conversion by Slicer."""
+    import vtk
+    from vtkmodules.util import numpy_support
+
+    scene, logic, seg, _, _ = recon
+    rec = logic.lastReconstruction
+    s = seg.GetSegmentation()
+    assert s.GetNumberOfLayers() == 1 and s.GetSourceRepresentationName() == "Binary labelmap"
+    labels = rec.labels_array()
+    for b in BONES:
+        layer = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg, b.name)
+        value = s.GetSegment(b.name).GetLabelValue()
+        assert value == b.value and np.array_equal(layer == value, labels == b.value), b.name
+        pd = vtk.vtkPolyData()
+        seg.GetClosedSurfaceRepresentation(b.name, pd)
+        lps = numpy_support.vtk_to_numpy(rec.surfaces[b.name].GetPoints().GetData())
+        ras = numpy_support.vtk_to_numpy(pd.GetPoints().GetData())
+        assert len(ras) == len(lps) > 500 and np.allclose(ras, lps * [-1, -1, 1], atol=1e-4), b.name
+        assert pd.GetNumberOfCells() == rec.surfaces[b.name].GetNumberOfCells()
+
+
 def test_geometry_in_ras_matches_truth(recon):
     scene, logic, seg, _, _ = recon
     truth = sitk.ReadImage(os.path.join(SAMPLE, "truth.nii.gz"))

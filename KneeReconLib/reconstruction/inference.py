@@ -495,7 +495,12 @@ class Reconstructor:
             if grid != out_grid and scores_ is not None:
                 return refine_labels(scores_, lab_, grid, out_grid)
             return resample_labels(lab_, grid, out_grid) if grid != out_grid else lab_
-        lab = finished(raw, scores)
+        # with mirror TTA the unmirrored pass is cleaned too (the quality report judges it): in a
+        # second thread, as SimpleITK's filters release the GIL
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            judged = pool.submit(finished, self.single_labels, single) if single is not None else None
+            lab = finished(raw, scores)
+            lab_single = judged.result() if judged is not None else None
         if grid != out_grid and scores is None and refine > 1:
             notes.append("this model's converted network returns no class scores: the finer grid holds the "
                          "network's labels resampled (re-convert it with kneerecon export-openvino)")
@@ -503,8 +508,7 @@ class Reconstructor:
         # fitted on one pass's labels and probabilities), else the output itself; an ensemble's
         # averaged probabilities are less peaked than one network's, so their margin is not judged
         if single is not None:
-            raw_q = self.single_labels
-            lab_q, q_scores = finished(raw_q, single), single
+            raw_q, lab_q, q_scores = self.single_labels, lab_single, single
         else:
             raw_q, lab_q, q_scores = raw, lab, (None if self.members else net_scores)
         net_grid, grid = grid, out_grid
