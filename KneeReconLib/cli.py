@@ -33,7 +33,34 @@ def _progress_printer(prefix: str = ""):
     return show
 
 
+def _prewarm(a):
+    """On the default CPU path, start compiling the bundled network's converted form while the rest
+    of the pipeline is imported (openvino_backend.prewarm); None elsewhere."""
+    if a.backend == "torch" or a.device != "cpu" or a.ensemble is not None or a.style:
+        return None
+    from .io import resources
+    from .models import openvino_backend
+    from .models.model_card import reconstruction_card
+
+    path = os.path.abspath(a.model or resources.model_path(resources.UNET))
+    try:
+        card = reconstruction_card(path)
+    except KneeReconError:  # reported by the reconstruction itself
+        return None
+    size, channels = int(card.get("grid_size", 128)), int(card.get("architecture", {}).get("in_channels", 2))
+    return openvino_backend.prewarm(path, (1, channels, size, size, size))
+
+
 def cmd_reconstruct(a) -> int:
+    warming = _prewarm(a)
+    try:
+        return _reconstruct(a, warming)
+    finally:  # never leave the compilation running into interpreter shutdown (an error exit included)
+        if warming is not None:
+            warming.join()
+
+
+def _reconstruct(a, warming) -> int:
     from .reconstruction.inference import reconstruct
     from .reconstruction.outputs import check_output_folder, output_lock, write_outputs
 
@@ -41,6 +68,8 @@ def cmd_reconstruct(a) -> int:
     with output_lock(a.output):
         check_output_folder(a.output, a.force)  # fail before any work
         t0 = time.perf_counter()
+        if warming is not None:
+            warming.join()  # the Reconstructor's compilation then takes a few hundredths
         rec = reconstruct(a.ap, a.lateral, side=a.side, pixel_spacing=a.pixel_spacing, sid=a.sid, sod=a.sod,
                           model=a.model, device=a.device, progress=_progress_printer(),
                           height_offset=_height_offset_arg(a.height_offset), style=a.style, tta=a.tta,

@@ -218,3 +218,22 @@ def test_mirror_tta_is_skipped_with_a_note_for_an_ir_without_scores(monkeypatch)
     assert np.array_equal(r.labels_array(), one.labels_array())
     with pytest.raises(KneeReconError, match="returns no class scores"):
         rec.predict(np.zeros((2, 128, 128, 128), np.float32))
+
+
+def test_prewarm_compiles_the_bundled_network_into_the_cache_and_fails_quietly(tmp_path, monkeypatch):
+    """`kneerecon reconstruct` starts the compilation while it imports the rest (openvino_backend.prewarm):
+    the thread compiles the very network a Reconstructor then uses (the compiled-network cache holds
+    it afterwards), and a model that cannot be compiled leaves the error to the reconstruction."""
+    monkeypatch.setenv("KNEERECON_CACHE", str(tmp_path / "cache"))
+    compiled = tmp_path / "cache" / "openvino" / "compiled"
+    thread = openvino_backend.prewarm(MODEL, (1, 2, 128, 128, 128))
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert compiled.is_dir() and any(f.suffix == ".blob" for f in compiled.iterdir())
+    bad = tmp_path / "not_a_model.pt"
+    bad.write_bytes(b"nonsense")
+    quiet = openvino_backend.prewarm(str(bad), (1, 2, 128, 128, 128))
+    quiet.join(timeout=60)
+    assert not quiet.is_alive()
+    with pytest.raises(KneeReconError):  # the reconstruction reports it
+        Reconstructor(str(bad), backend="openvino")

@@ -198,27 +198,19 @@ def mirror_average(first: np.ndarray, mirrored: np.ndarray) -> tuple[np.ndarray,
 
 def openvino_threads() -> int:
     """OpenVINO's thread count: $OMP_NUM_THREADS where set (as PyTorch's), else 0 (OpenVINO's default)."""
-    try:
-        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
-    except ValueError:
-        return 0
+    from ..models import openvino_backend
+
+    return openvino_backend.threads_from_env()
 
 
 QUALITY_MODES = ("standard", "thorough")
 
 
 def openvino_precision(core, model_path: str, amp: bool) -> str:
-    """The OpenVINO precision for this model on this CPU: with `amp`, bf16 where the CPU runs it
-    natively (AVX512-BF16/AMX), else the model's int8 IR where one exists (about 1.8x faster than
-    f32 on an AVX2 CPU, held-out Dice within 0.003: MODEL_CARD.md), else f32; without `amp`, f32."""
+    """The OpenVINO precision for this model on this CPU (openvino_backend.pick_precision)."""
     from ..models import openvino_backend
 
-    if not amp:
-        return "f32"
-    if openvino_backend.native_bf16(core):
-        return "bf16"
-    # (OpenVINONetwork checks that the int8 IR was made from this model file, else runs f32)
-    return "int8" if os.path.exists(openvino_backend.int8_beside_model(model_path)) else "f32"
+    return openvino_backend.pick_precision(core, model_path, amp)
 
 
 class Reconstructor:
