@@ -4,7 +4,11 @@ includes loading the model (OpenVINO import, converted network, compile), the la
 Each time covers the X-ray nodes -> KneeReconLib -> segmentation node with closed surfaces and four
 model nodes. Also reports whether torch, scikit-image or scipy was imported (none must be).
 
-    python bench/bench_slicer_logic.py [--repeats 4] [--json FILE]
+    python bench/bench_slicer_logic.py [--repeats 4] [--json FILE] [--baseline OLD_LOGIC.py]
+
+`--baseline` also times another version of the MRML logic (e.g. `git show 9454f87:KneeRecon/KneeReconMRMLLogic.py
+> /tmp/old.py`) against this one, later reconstructions interleaved in the same session, so that a
+changing load falls on both alike; the library (KneeReconLib) is this checkout's for both.
 
 Needs slicer-core (requirements-test.txt)."""
 import argparse
@@ -23,6 +27,7 @@ def main():
     p.add_argument("--repeats", type=int, default=4, help="reconstructions in the session (default 4)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--baseline", metavar="FILE", help="another KneeReconMRMLLogic.py to time against this one, interleaved")
     a = p.parse_args()
     t0 = time.perf_counter()
     import slicer_headless
@@ -58,6 +63,21 @@ def main():
           f"({res['later_cpu_median_s'] or float('nan'):.2f} s CPU) "
           f"over {len(times) - 1}; model reused: {res['same_model_object']}; torch imported: {res['torch_imported']}; "
           f"scikit-image imported: {res['skimage_imported']}; scipy imported: {res['scipy_imported']}; load average {res['load_average']:.1f} on {res['cpus']} CPUs")
+    if a.baseline:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("BaselineMRMLLogic", a.baseline)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.KneeReconMRMLLogic(scene).reconstruct(ap, lat, side=side, backend=a.backend)  # its first run: not timed
+        paired = {"baseline": [], "this": []}
+        for _ in range(max(1, a.repeats - 1)):
+            for name, cls in (("baseline", mod.KneeReconMRMLLogic), ("this", KneeReconMRMLLogic)):
+                t0 = time.perf_counter()
+                cls(scene).reconstruct(ap, lat, side=side, backend=a.backend)
+                paired[name].append(time.perf_counter() - t0)
+        res["paired_later_median_s"] = {k: statistics.median(v) for k, v in paired.items()}
+        print(f"interleaved later reconstructions, {len(paired['this'])} each: baseline ({a.baseline}) median "
+              f"{res['paired_later_median_s']['baseline']:.2f} s, this checkout {res['paired_later_median_s']['this']:.2f} s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

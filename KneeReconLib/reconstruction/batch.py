@@ -130,7 +130,7 @@ def _one(args) -> dict:
     from .inference import reconstruct
     from .outputs import output_lock, write_outputs
 
-    if threads:  # the OpenVINO runtime takes its threads from openvino_threads(); torch only where loaded
+    if threads:  # the OpenVINO runtime takes its threads from openvino_backend.threads_from_env(); torch only where loaded
         import sys
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)

@@ -196,21 +196,7 @@ def mirror_average(first: np.ndarray, mirrored: np.ndarray) -> tuple[np.ndarray,
     return p.argmax(0).astype(np.uint8), np.log(np.maximum(p, 1e-8, out=p), out=p)
 
 
-def openvino_threads() -> int:
-    """OpenVINO's thread count: $OMP_NUM_THREADS where set (as PyTorch's), else 0 (OpenVINO's default)."""
-    from ..models import openvino_backend
-
-    return openvino_backend.threads_from_env()
-
-
 QUALITY_MODES = ("standard", "thorough")
-
-
-def openvino_precision(core, model_path: str, amp: bool) -> str:
-    """The OpenVINO precision for this model on this CPU (openvino_backend.pick_precision)."""
-    from ..models import openvino_backend
-
-    return openvino_backend.pick_precision(core, model_path, amp)
 
 
 class Reconstructor:
@@ -247,12 +233,13 @@ class Reconstructor:
 
             ov = openvino_backend.import_openvino()  # without telemetry and the model converter
             core = ov.Core()
-            precision = openvino_precision(core, self.model_path, amp)
+            precision = openvino_backend.pick_precision(core, self.model_path, amp)
             # the network for a conversion, built only when no IR made from this model file exists
             convert = (lambda: self.net) if torch_available() else None
             try:
                 self.ov = openvino_backend.OpenVINONetwork(self.model_path, convert, precision,
-                                                           (1, in_channels, size, size, size), openvino_threads(), core)
+                                                           (1, in_channels, size, size, size),
+                                                           openvino_backend.threads_from_env(), core)
             except RuntimeError as e:  # OpenVINO could not convert or compile this model on this CPU
                 if backend == "openvino" or not torch_available():
                     raise KneeReconError(f"OpenVINO could not run {os.path.basename(self.model_path)} "
