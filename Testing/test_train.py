@@ -86,3 +86,31 @@ def test_ddp_two_cpu_processes_train_one_model(tiny_cache, tmp_path):
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert float(rows[-1]["samples_per_s"]) > 0 and len(rows) == 4
     assert os.path.exists(out / "model.pt")
+
+
+def test_widening_keeps_the_function_and_training_grows_the_new_channels(tiny_cache, tmp_path):
+    """A U-Net widened with models/widen.py computes what the narrow one computed (same logits),
+    and `train --init-from narrow --widths wider` starts there and then uses the new channels."""
+    from KneeReconLib.models.factory import build_network
+    from KneeReconLib.models.widen import widen_unet
+
+    narrow_path = train(_cfg(tiny_cache, tmp_path / "narrow", steps=6), log=lambda m: None)
+    narrow = build_network(TINY)
+    narrow.load_state_dict({k: v.float() for k, v in _weights(narrow_path).items()})
+    narrow.eval()
+    wide = widen_unet(narrow, (6, 12, 24)).eval()
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        a, b = narrow(x), wide(x)
+    assert sum(p.numel() for p in wide.parameters()) > 1.8 * sum(p.numel() for p in narrow.parameters())
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    with pytest.raises(ValueError):
+        widen_unet(narrow, (2, 8, 16))  # narrower than the model
+    # through training: logged as widened, and the weights from new channels into old ones no longer zero
+    logs = []
+    wide_arch = {**TINY, "widths": [6, 12, 24]}
+    out = train(tiny_train_config(tiny_cache, tmp_path / "wide", wide_arch, steps=6, init_from=narrow_path, amp=False),
+                log=logs.append)
+    assert any("widened (4, 8, 16) -> (6, 12, 24)" in m for m in logs)
+    w = _weights(out)["head.weight"].float()  # [classes, 6, 1, 1, 1]: columns 4-5 started at zero
+    assert w.shape[1] == 6 and w[:, 4:].abs().max() > 0

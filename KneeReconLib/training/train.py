@@ -33,6 +33,7 @@ from ..models.checkpoint import read_model_file, save_model
 from ..models.factory import build_network
 from ..models.cpu_features import cpu_has_fast_bf16
 from ..models.network import UNetConfig, to_channels_last
+from ..models.widen import widen_unet
 from .losses import ngcc_loss, soft_dice_loss, surface_weights, weighted_cross_entropy
 
 
@@ -315,6 +316,15 @@ def _plot(csv_path: str, png_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- main loop
+
+def _widens(init_arch: dict, arch: dict) -> bool:
+    """Whether `arch` is the U-Net `init_arch` with wider scales (then --init-from widens it)."""
+    if init_arch.get("kind", "unet") != "unet" or arch.get("kind", "unet") != "unet":
+        return False
+    old, new = tuple(init_arch.get("widths", ())), tuple(arch.get("widths", ()))
+    same = {k: v for k, v in init_arch.items() if k != "widths"} == {k: v for k, v in arch.items() if k != "widths"}
+    return same and old != new and len(old) == len(new) and all(n >= o for n, o in zip(new, old))
+
 def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None = None) -> str:
     """Train; returns the path of the final model file (`<out>/model.pt`), or of the checkpoint
     when `stop_at` ends this run early (a resumable chunk: continue with resume=True)."""
@@ -343,8 +353,18 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
     start = 0
     if cfg.init_from and not (resume and os.path.exists(ckpt_path)):
         init = read_model_file(cfg.init_from)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init["state_dict"].items()})
-        log(f"initialised from {cfg.init_from}")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in init["state_dict"].items()}
+        init_arch = init.get("card", {}).get("architecture", {})
+        if _widens(init_arch, cfg.architecture):
+            # a wider U-Net that starts as the given one (models/widen.py)
+            narrow = build_network(init_arch)
+            narrow.load_state_dict(state)
+            state = widen_unet(narrow, tuple(cfg.architecture["widths"]), seed=cfg.seed).state_dict()
+            log(f"initialised from {cfg.init_from}, widened {tuple(init_arch['widths'])} -> "
+                f"{tuple(cfg.architecture['widths'])}")
+        else:
+            log(f"initialised from {cfg.init_from}")
+        model.load_state_dict(state)
     if resume and os.path.exists(ckpt_path):
         blob = read_model_file(ckpt_path)
         model.load_state_dict({k: v for k, v in blob["state_dict"].items()})
