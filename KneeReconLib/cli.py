@@ -74,7 +74,7 @@ def _reconstruct(a, warming) -> int:
                           model=a.model, device=a.device, progress=_progress_printer(),
                           height_offset=_height_offset_arg(a.height_offset), style=a.style, tta=a.tta,
                           backend=a.backend, ensemble=_ensemble_arg(a.ensemble), views_as_given=a.views_as_given,
-                          refine=a.refine, quality_mode=a.quality)
+                          refine=a.refine, quality_mode=a.quality, overlay=True)
         report = write_outputs(rec, a.output, a.force)
     total = time.perf_counter() - t0
     vols = ", ".join(f"{k} {v:.1f} ml" for k, v in report["volumes_ml"].items())

@@ -75,6 +75,17 @@ def test_output_files_are_complete(sample_output):
     for b in BONES:
         col = (np.array(b.color) * 255).astype(int)
         assert (np.abs(ov.astype(int) - col).sum(-1) < 40).sum() > 20, f"{b.name} outline missing in overlay.png"
+    # the command draws it during the reconstruction (beside the surfaces): the same picture as one
+    # drawn afterwards from the written label map (up to a few pixels: the file's float32 geometry
+    # and the report's rounded height offset)
+    from KneeReconLib.core.geometry import ReconGrid
+    from KneeReconLib.io.xray_io import read_xray
+    from KneeReconLib.reconstruction.overlay import overlay_picture
+    views = [read_xray(os.path.join(SAMPLE, f"{v}.nrrd"), v, side="left") for v in ("ap", "lateral")]
+    grid = ReconGrid(arr.shape, lab.GetSpacing(), lab.GetOrigin())
+    again = overlay_picture(views[0].pixels, views[1].pixels, arr, grid, views[0].geometry, views[1].geometry,
+                            lateral_offset_mm=rep["height_offset"]["applied_mm"])
+    assert np.asarray(again).shape == ov.shape and (np.asarray(again) == ov).all(-1).mean() > 0.999
 
 
 @pytest.mark.parametrize("side,seed", [("left", 1_000_101), ("right", 1_000_102)])

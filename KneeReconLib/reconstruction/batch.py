@@ -141,7 +141,7 @@ def _one(args) -> dict:
     try:
         with output_lock(out):
             rec = reconstruct(row["ap"], row["lateral"], model=cfg.model, device=cfg.device,
-                              views_as_given=cfg.views_as_given, tta=cfg.tta, **_case_args(row))
+                              views_as_given=cfg.views_as_given, tta=cfg.tta, overlay=True, **_case_args(row))
             rep = write_outputs(rec, out, force=True)
         res.update(_from_report(rep, row["id"]))
     except KneeReconError as e:

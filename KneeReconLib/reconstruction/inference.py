@@ -26,6 +26,7 @@ from ..models.model_card import network_divisor, reconstruction_card
 from ..models.cpu_features import cpu_has_fast_bf16  # (bench/bench_inference.py imports it from here too)
 from . import quality
 from .refine import finer_grid, refine_labels
+from .overlay import overlay_picture
 from .surfaces import bone_surface, clean_labels
 
 RESOURCES = resources.resources_dir()
@@ -103,6 +104,7 @@ class Reconstruction:
     quality: dict = field(default_factory=dict)  # quality.assess: verdict per bone and overall, with reasons
     warnings: list = field(default_factory=list)  # what the user must not miss (CLI, report.json, Slicer status)
     view_check: dict = field(default_factory=dict)
+    overlay: object = None  # the review picture (PIL image) where run(overlay=True) drew it
 
     @property
     def lateral_offset_mm(self) -> float:
@@ -363,7 +365,8 @@ class Reconstructor:
     def run(self, ap: XRay, lateral: XRay, side: str | None = None, grid_size: int | None = None,
             surfaces: bool = True, progress: Callable[[float, str], None] | None = None,
             cancel: Callable[[], bool] | None = None, height_offset: float | str | None = "auto",
-            refine: int = 1, quality_mode: str = "standard", tta: bool | None = None) -> Reconstruction:
+            refine: int = 1, quality_mode: str = "standard", tta: bool | None = None,
+            overlay: bool = False) -> Reconstruction:
         """Reconstruct one pair. `height_offset`: "auto" estimates the lateral view's vertical
         displacement against the AP from the images and corrects it (when the estimate is
         reliable); a number (mm, positive = lateral content higher) corrects that much;
@@ -373,7 +376,9 @@ class Reconstructor:
         perturbed inputs and compares the two (quality.consistency; one more network pass).
         `tta`: mirror test-time augmentation for this pair (None: the Reconstructor's setting). With
         it the written bones average both passes, while the quality report judges the unmirrored
-        pass alone: the probabilities and labels its settings were fitted on."""
+        pass alone: the probabilities and labels its settings were fitted on. `overlay`: also draw
+        the review picture (overlay.py; `Reconstruction.overlay`, written as overlay.png), beside
+        the surfaces and the quality measurement rather than after them."""
         tta = self.tta if tta is None else tta
         if quality_mode not in QUALITY_MODES:
             raise KneeReconError(f"quality mode must be one of {', '.join(QUALITY_MODES)}, got {quality_mode!r}")
@@ -510,22 +515,34 @@ class Reconstructor:
             m = quality.measure(lab_q, grid, *shown, offset["applied_mm"], raw_q, net_grid, q_scores,
                                 self.quality_config)
             return m, time.perf_counter() - t0
-        surf = {}
+
+        def draw_overlay():
+            t0 = time.perf_counter()
+            pic = overlay_picture(shown[0].pixels, shown[1].pixels, lab, grid, shown[0].geometry, shown[1].geometry,
+                                  lateral_offset_mm=offset["applied_mm"])
+            return pic, time.perf_counter() - t0
+        surf, drawn = {}, None
         if surfaces:
             t0 = time.perf_counter()
             check(0.65, "building the bone surfaces")
-            # VTK's filters release the GIL: two threads build two bones at once while this thread
-            # measures the quality report (numpy); progress and cancel stay on the calling (GUI) thread
+            # VTK's filters release the GIL: two threads build the bones (and draw the review picture,
+            # numpy and Pillow) while this thread measures the quality report (numpy); progress and
+            # cancel stay on the calling (GUI) thread
             with ThreadPoolExecutor(max_workers=2) as pool:
+                drawn = pool.submit(draw_overlay) if overlay else None  # the longest job first
                 futures = {pool.submit(bone_surface, lab == b.value, grid): b.name for b in BONES}
                 measured, t_measure = measure_quality()
                 for i, fut in enumerate(as_completed(futures)):
                     surf[futures[fut]] = fut.result()
                     check(0.65 + 0.3 * (i + 1) / len(BONES), f"built the {futures[fut]} surface")
+                drawn = drawn.result() if drawn is not None else None
             surf = {b.name: surf[b.name] for b in BONES}
             t["surfaces"] = time.perf_counter() - t0  # with the quality measurement beside it
         else:
             measured, t_measure = measure_quality()
+            drawn = draw_overlay() if overlay else None
+        if drawn is not None:
+            t["overlay"] = drawn[1]
         t0 = time.perf_counter() - t_measure
         check(0.97, "checking the reconstruction against the X-rays")
         keep = None
@@ -553,6 +570,7 @@ class Reconstructor:
         rec.ensemble = [{"name": c.get("name"), "version": c.get("version")} for c in self.member_cards]
         rec.height_offset = offset
         rec.quality = report
+        rec.overlay = drawn[0] if drawn is not None else None
         if keep is not None:
             rec.quality_inputs = keep
         return rec
@@ -578,10 +596,11 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
                 progress=None, cancel=None, surfaces: bool = True, height_offset: float | str | None = "auto",
                 style: str | None = None, tta: bool = True, backend: str = "auto",
                 ensemble: list[str] | None = None, views_as_given: bool = False, refine: int = 1,
-                quality_mode: str = "standard") -> Reconstruction:
+                quality_mode: str = "standard", overlay: bool = False) -> Reconstruction:
     """Reconstruct the knee bones from an AP and a lateral X-ray (file paths or `XRay`s).
     `refine` 2 or 3: outputs on a grid that many times finer per axis; `quality_mode` "thorough":
-    the quality report with a second, perturbed network pass (see `Reconstructor.run`).
+    the quality report with a second, perturbed network pass; `overlay`: also draw the review
+    picture (see `Reconstructor.run`).
 
     Before any network work the pair is checked (view_check.py): the same file or the same
     pixels given twice, or a pair whose views look swapped, raise KneeReconError (`views_as_given`
@@ -609,13 +628,13 @@ def reconstruct(ap, lateral, side: str | None = None, pixel_spacing=None, sid: f
     rec = Reconstructor(model, device, style=style, tta=tta, backend=backend, ensemble=ensemble)
     t_load = time.perf_counter() - t0
     out = rec.run(ap, lateral, side_, surfaces=surfaces, progress=progress, cancel=cancel, height_offset=height_offset,
-                  refine=refine, quality_mode=quality_mode)
+                  refine=refine, quality_mode=quality_mode, overlay=overlay)
     if side is None:
         seen = out.detected_side
         if seen and seen != side_:
             if ap.geometry.cone or lateral.geometry.cone:  # the lateral source side changes the geometry: redo
                 out = rec.run(ap, lateral, seen, surfaces=surfaces, progress=progress, cancel=cancel,
-                              height_offset=height_offset, refine=refine, quality_mode=quality_mode)
+                              height_offset=height_offset, refine=refine, quality_mode=quality_mode, overlay=overlay)
             else:
                 out.side = seen
         out.notes = [n for n in out.notes if "but the side given" not in n]

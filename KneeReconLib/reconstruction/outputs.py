@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from ..core.errors import KneeReconError
 from ..io.segfile import write_seg_nrrd
 from .inference import Reconstruction
-from .overlay import overlay_png
+from .overlay import overlay_png, save_png
 from .surfaces import write_stl
 
 OUTPUT_FILES = ("labels.nii.gz", "segmentation.seg.nrrd", "femur.stl", "patella.stl", "tibia.stl", "fibula.stl",
@@ -157,8 +157,12 @@ def write_outputs(rec: Reconstruction, folder: str, force: bool = False) -> dict
 
         def overlay():  # numpy and Pillow, beside the volume and surface writers
             t1 = time.perf_counter()
-            overlay_png(rec.ap.pixels, rec.lateral.pixels, rec.labels_array(), rec.grid, rec.ap.geometry,
-                        rec.lateral.geometry, os.path.join(tmp, "overlay.png"), lateral_offset_mm=rec.lateral_offset_mm)
+            path = os.path.join(tmp, "overlay.png")
+            if rec.overlay is not None:  # drawn during the reconstruction (run(overlay=True))
+                save_png(rec.overlay, path)
+            else:
+                overlay_png(rec.ap.pixels, rec.lateral.pixels, rec.labels_array(), rec.grid, rec.ap.geometry,
+                            rec.lateral.geometry, path, lateral_offset_mm=rec.lateral_offset_mm)
             return time.perf_counter() - t1
         with ThreadPoolExecutor(max_workers=1) as pool:
             drawn = pool.submit(overlay)
@@ -167,7 +171,8 @@ def write_outputs(rec: Reconstruction, folder: str, force: bool = False) -> dict
             for name, poly in rec.surfaces.items():
                 write_stl(poly, os.path.join(tmp, f"{name}.stl"))
             t["write_volumes_surfaces"] = time.perf_counter() - t0
-            t["overlay"] = drawn.result()  # an error in the drawing surfaces here, before anything is renamed
+            # an error in the drawing surfaces here, before anything is renamed
+            t["write_overlay" if rec.overlay is not None else "overlay"] = drawn.result()
         report = report_dict(rec, t)
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report, f, indent=1)

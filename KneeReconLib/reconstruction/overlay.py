@@ -87,13 +87,11 @@ def overlay_rgb(pixels: np.ndarray, labels: np.ndarray, grid: ReconGrid, view: V
     return rgb
 
 
-def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: str, height: int = 512,
-                lateral_offset_mm: float = 0.0) -> None:
-    """Both views side by side with outlines, scaled to `height` pixels, written to `path`;
+def overlay_picture(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, height: int = 512,
+                    lateral_offset_mm: float = 0.0):
+    """Both views side by side with outlines, scaled to `height` pixels, as a PIL image;
     `lateral_offset_mm`: the lateral view's corrected height offset (outlines follow the image)."""
     from PIL import Image
-
-    from ..io.fileio import atomic_path
 
     panels = []
     for px, v, off in ((ap_pixels, ap_view, 0.0), (lat_pixels, lat_view, lateral_offset_mm)):
@@ -106,6 +104,19 @@ def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: st
     for p in panels:
         canvas.paste(p, (x, 0))
         x += p.width + 8
+    return canvas
+
+
+def save_png(picture, path: str) -> None:
+    """Write a PIL image as PNG through a temporary path."""
+    from ..io.fileio import atomic_path
+
     with atomic_path(path) as tmp:
         # zlib level 1: a quarter of the default level's time for a file about 30 % larger
-        canvas.save(tmp, format="PNG", compress_level=1)
+        picture.save(tmp, format="PNG", compress_level=1)
+
+
+def overlay_png(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, path: str, height: int = 512,
+                lateral_offset_mm: float = 0.0) -> None:
+    """overlay_picture written to `path` as PNG."""
+    save_png(overlay_picture(ap_pixels, lat_pixels, labels, grid, ap_view, lat_view, height, lateral_offset_mm), path)
