@@ -106,6 +106,11 @@ def test_widening_keeps_the_function_and_training_grows_the_new_channels(tiny_ca
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     with pytest.raises(ValueError):
         widen_unet(narrow, (2, 8, 16))  # narrower than the model
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    widen_unet(narrow, (6, 12, 24))
+    assert torch.equal(torch.rand(1), expected)  # the caller's random stream is left alone
     # through training: logged as widened, and the weights from new channels into old ones no longer zero
     logs = []
     wide_arch = {**TINY, "widths": [6, 12, 24]}
@@ -114,3 +119,8 @@ def test_widening_keeps_the_function_and_training_grows_the_new_channels(tiny_ca
     assert any("widened (4, 8, 16) -> (6, 12, 24)" in m for m in logs)
     w = _weights(out)["head.weight"].float()  # [classes, 6, 1, 1, 1]: columns 4-5 started at zero
     assert w.shape[1] == 6 and w[:, 4:].abs().max() > 0
+    # a narrower network cannot start from it: a clear error, not a state-dict traceback
+    from KneeReconLib.core.errors import KneeReconError
+    with pytest.raises(KneeReconError, match="does not fit the one to train"):
+        train(tiny_train_config(tiny_cache, tmp_path / "narrower", {**TINY, "widths": [2, 8, 16]}, steps=2,
+                                init_from=narrow_path), log=lambda m: None)

@@ -28,7 +28,7 @@ from KneeReconLib.reconstruction.surfaces import bone_surface, clean_labels  # n
 
 
 def distance_map(mask: np.ndarray, spacing) -> np.ndarray:
-    """Unsigned-magnitude distance (mm) to the mask's boundary, [z, y, x]."""
+    """Signed distance (mm) to the mask's boundary, negative inside, [z, y, x]."""
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
     img.SetSpacing(tuple(float(s) for s in spacing))
     d = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)

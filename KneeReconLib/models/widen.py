@@ -48,9 +48,12 @@ def widen_unet(old: UNet3D, widths: tuple[int, ...], seed: int = 0) -> UNet3D:
     if len(widths) != len(oc.widths) or any(n < o for n, o in zip(widths, oc.widths)):
         raise ValueError(f"widths {tuple(widths)} must keep the depth of {oc.widths} and widen every scale "
                          "or keep it")
-    torch.manual_seed(seed)
-    new = UNet3D(UNetConfig(in_channels=oc.in_channels, num_classes=oc.num_classes, widths=tuple(widths),
-                            activation=oc.activation, upsample=oc.upsample))
+    if oc.upsample == "transpose":
+        raise ValueError("widening transpose-convolution upsampling is not supported")
+    with torch.random.fork_rng(devices=[]):  # the new channels' random start, without touching the caller's RNG
+        torch.manual_seed(seed)
+        new = UNet3D(UNetConfig(in_channels=oc.in_channels, num_classes=oc.num_classes, widths=tuple(widths),
+                                activation=oc.activation, upsample=oc.upsample))
     old_w, new_w = oc.widths, tuple(widths)
     with torch.no_grad():
         cin_map = list(range(oc.in_channels))
@@ -63,8 +66,5 @@ def widen_unet(old: UNet3D, widths: tuple[int, ...], seed: int = 0) -> UNet3D:
             lo, hi = depth - 2 - j, depth - 1 - j
             in_map = list(range(old_w[hi])) + [new_w[hi] + k for k in range(old_w[lo])]
             _copy_block(nb, ob, in_map)
-        for nu, ou in zip(new.up, old.up):
-            if isinstance(ou, nn.ConvTranspose3d):
-                raise ValueError("widening transpose-convolution upsampling is not supported")
         _copy_conv(new.head, old.head, list(range(old_w[0])))
     return new

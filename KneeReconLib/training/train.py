@@ -317,6 +317,7 @@ def _plot(csv_path: str, png_path: str) -> None:
 
 # ----------------------------------------------------------------------------- main loop
 
+
 def _widens(init_arch: dict, arch: dict) -> bool:
     """Whether `arch` is the U-Net `init_arch` with wider scales (then --init-from widens it)."""
     if init_arch.get("kind", "unet") != "unet" or arch.get("kind", "unet") != "unet":
@@ -324,6 +325,7 @@ def _widens(init_arch: dict, arch: dict) -> bool:
     old, new = tuple(init_arch.get("widths", ())), tuple(arch.get("widths", ()))
     same = {k: v for k, v in init_arch.items() if k != "widths"} == {k: v for k, v in arch.items() if k != "widths"}
     return same and old != new and len(old) == len(new) and all(n >= o for n, o in zip(new, old))
+
 
 def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None = None) -> str:
     """Train; returns the path of the final model file (`<out>/model.pt`), or of the checkpoint
@@ -364,7 +366,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_at: int | None
                 f"{tuple(cfg.architecture['widths'])}")
         else:
             log(f"initialised from {cfg.init_from}")
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # another architecture, and not one this can widen
+            raise KneeReconError(
+                f"--init-from {cfg.init_from}: its network ({init_arch.get('kind', 'unet')}, widths "
+                f"{init_arch.get('widths')}) does not fit the one to train ({cfg.architecture.get('kind', 'unet')}, "
+                f"widths {cfg.architecture.get('widths')}); give its --arch and --widths, or wider widths of the "
+                f"same depth to widen it ({str(e).splitlines()[0][:120]})") from None
     if resume and os.path.exists(ckpt_path):
         blob = read_model_file(ckpt_path)
         model.load_state_dict({k: v for k, v in blob["state_dict"].items()})
