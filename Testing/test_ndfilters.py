@@ -60,6 +60,22 @@ def test_sample_bilinear_is_map_coordinates_on_a_grid(mode):
                                                    order=1, mode="nearest"), atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_sample_planes_is_sample_bilinear_per_plane(chunk):
+    img = RNG.random((41, 37)).astype(np.float32)
+    n = 7  # not a multiple of the chunk: the last chunk is short
+    rows = RNG.uniform(-3, 43, (n, 23))
+    cols = RNG.uniform(-3, 39, (n, 19))
+    rows[0, :2], cols[0, :2] = [0.0, 40.0], [0.0, 36.0]  # exactly on the edges
+    ours = nf.sample_planes(img, rows, cols, chunk=chunk)
+    assert ours.shape == (n, 23, 19) and ours.dtype == np.float32
+    for p in range(n):
+        ref = ndi.map_coordinates(img, np.meshgrid(rows[p], cols[p], indexing="ij"), order=1, mode="nearest")
+        assert np.abs(ours[p] - ref).max() <= 1e-5
+    with pytest.raises(ValueError, match="same number of planes"):
+        nf.sample_planes(img, rows, cols[:3])
+
+
 def test_bounding_boxes_are_find_objects():
     lab = np.zeros((20, 30, 25), np.uint8)
     lab[3:9, 4:20, 10:11] = 1

@@ -120,6 +120,45 @@ def sample_bilinear(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode:
     return out
 
 
+def sample_planes(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 2,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Many separable samplings of one image at once: out[p] = sample_bilinear(image, rows[p],
+    cols[p]) (mode 'nearest') for each plane p, with rows [P, A] and cols [P, B] -> [P, A, B]
+    float32. One gather per tap for a chunk of planes instead of a Python call per plane (the
+    cone-beam back-projection samples 128 planes per view); float32, as the network's input is."""
+    img = np.asarray(image, np.float32)
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    p, na, nb = rows.shape[0], rows.shape[1], cols.shape[1]
+    if cols.shape[0] != p:
+        raise ValueError(f"rows and cols must give the same number of planes, got {rows.shape} and {cols.shape}")
+    out = np.empty((p, na, nb), np.float32) if out is None else out
+    r0, r1, fr, _ = _linear_taps(rows, img.shape[0])
+    c0, c1, fc, _ = _linear_taps(cols, img.shape[1])
+    fr, fc = fr.astype(np.float32)[:, :, None], fc.astype(np.float32)[:, None, :]
+    w = img.shape[1]
+    # reused buffers and in-place arithmetic: fresh temporaries of a few MB each cost more in
+    # page faults than the arithmetic itself
+    n = min(chunk, p)
+    by_row, tap = np.empty((n, na, w), np.float32), np.empty((n, na, w), np.float32)
+    o0, o1 = np.empty((n, na, nb), np.float32), np.empty((n, na, nb), np.float32)
+    base = (np.arange(n * na) * w).reshape(n, na, 1)  # flat offset of each interpolated row
+    for s in range(0, p, n):  # small chunks keep the buffers in cache (2 planes: 27 ms for 128, 16: 39 ms)
+        e = min(p, s + n)
+        k = e - s
+        np.take(img, r0[s:e], axis=0, out=by_row[:k])
+        np.take(img, r1[s:e], axis=0, out=tap[:k])
+        tap[:k] -= by_row[:k]
+        tap[:k] *= fr[s:e]
+        by_row[:k] += tap[:k]  # (1 - f) * a + f * b
+        flat = by_row[:k].reshape(-1)
+        np.take(flat, base[:k] + c0[s:e, None, :], out=o0[:k])
+        np.take(flat, base[:k] + c1[s:e, None, :], out=o1[:k])
+        o1[:k] -= o0[:k]
+        o1[:k] *= fc[s:e]
+        np.add(o0[:k], o1[:k], out=out[s:e])
+    return out
+
+
 def bounding_boxes(labels: np.ndarray, max_label: int) -> list[tuple[slice, ...] | None]:
     """For each label 1..max_label the slices of its bounding box, or None where it is absent (as
     scipy.ndimage.find_objects(labels, max_label))."""

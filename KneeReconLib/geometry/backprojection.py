@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.geometry import ReconGrid, ViewGeometry
 from ..io.xray_io import XRay
-from ..core.ndfilters import gaussian_filter, sample_bilinear
+from ..core.ndfilters import gaussian_filter, sample_bilinear, sample_planes
 
 
 def _antialias(pixels: np.ndarray, geom: ViewGeometry, grid_step_col: float, grid_step_row: float) -> np.ndarray:
@@ -41,15 +41,15 @@ def backproject_view(xray: XRay, grid: ReconGrid, offset_mm: tuple[float, float,
         out[:] = plane[:, None, :] if a == 0 else plane[:, :, None]
         return out
     depth_axis = y if a == 0 else x
-    for d, w in enumerate(depth_axis):
-        if a == 0:
-            cols, _ = g.project(u, w, 0.0)
-            _, rows = g.project(0.0, w, z)
-            out[:, d, :] = sample_bilinear(px, rows, cols)
-        else:
-            cols, _ = g.project(w, u, 0.0)
-            _, rows = g.project(w, 0.0, z)
-            out[:, :, d] = sample_bilinear(px, rows, cols)
+    # every plane of constant depth at once: its rows and columns [depth, z] and [depth, u]
+    if a == 0:
+        cols, _ = g.project(u[None, :], depth_axis[:, None], 0.0)
+        _, rows = g.project(0.0, depth_axis[:, None], z[None, :])
+    else:
+        cols, _ = g.project(depth_axis[:, None], u[None, :], 0.0)
+        _, rows = g.project(depth_axis[:, None], 0.0, z[None, :])
+    planes = sample_planes(px, rows, cols)  # [depth, nz, nu]
+    out[:] = planes.transpose(1, 0, 2) if a == 0 else planes.transpose(1, 2, 0)
     return out
 
 
