@@ -61,7 +61,7 @@ def test_sample_bilinear_is_map_coordinates_on_a_grid(mode):
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 5])
-def test_sample_planes_is_sample_bilinear_per_plane(chunk):
+def test_sample_planes_is_map_coordinates_per_plane(chunk):
     img = RNG.random((41, 37)).astype(np.float32)
     n = 7  # not a multiple of the chunk: the last chunk is short
     rows = RNG.uniform(-3, 43, (n, 23))

@@ -120,8 +120,7 @@ def sample_bilinear(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, mode:
     return out
 
 
-def sample_planes(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 2,
-                  out: np.ndarray | None = None) -> np.ndarray:
+def sample_planes(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int = 2) -> np.ndarray:
     """Many separable samplings of one image at once: out[p] = sample_bilinear(image, rows[p],
     cols[p]) (mode 'nearest') for each plane p, with rows [P, A] and cols [P, B] -> [P, A, B]
     float32. One gather per tap for a chunk of planes instead of a Python call per plane (the
@@ -131,7 +130,7 @@ def sample_planes(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: 
     p, na, nb = rows.shape[0], rows.shape[1], cols.shape[1]
     if cols.shape[0] != p:
         raise ValueError(f"rows and cols must give the same number of planes, got {rows.shape} and {cols.shape}")
-    out = np.empty((p, na, nb), np.float32) if out is None else out
+    out = np.empty((p, na, nb), np.float32)
     r0, r1, fr, _ = _linear_taps(rows, img.shape[0])
     c0, c1, fc, _ = _linear_taps(cols, img.shape[1])
     fr, fc = fr.astype(np.float32)[:, :, None], fc.astype(np.float32)[:, None, :]
