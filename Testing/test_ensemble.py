@@ -22,8 +22,8 @@ def _dice_on_truth(folder):
 
 
 @pytest.mark.xfail(strict=True, reason="the bundled ChenNet member was trained on procedural phantoms only and not retrained "
-                   "for U-Net 0.4.0 or 0.5.0: on the sample (measured with 0.4.0) the ensemble's mean Dice is 0.849 against "
-                   "0.862 for the U-Net alone")
+                   "for U-Net 0.4.0-0.6.0: on the sample with 0.6.0 the ensemble loses femur 0.949 -> 0.896 and tibia "
+                   "0.939 -> 0.891 (mean Dice 0.865 against 0.874 for the U-Net alone)")
 def test_ensemble_reconstructs_the_sample(tmp_path):
     args = ["reconstruct", "--ap", os.path.join(SAMPLE, "ap.nrrd"), "--lateral", os.path.join(SAMPLE, "lateral.nrrd"),
             "--side", "left"]
@@ -39,6 +39,8 @@ def test_ensemble_reconstructs_the_sample(tmp_path):
     ens = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ens" / "labels.nii.gz")))
     assert (single != ens).sum() > 1000
     assert np.mean(d_ens[1:]) > np.mean(d_single[1:]) - 0.01
+    for b in range(1, 5):  # nor does it give up one bone for another
+        assert d_ens[b] > d_single[b] - 0.02, (b, d_single, d_ens)
 
 
 def test_ensemble_members_must_match_and_run_in_pytorch(tmp_path):

@@ -60,7 +60,8 @@ def main():
     p.add_argument("--n-train", type=int, required=True, help="number of cached training phantoms")
     p.add_argument("--train-data", default=os.path.join(ROOT, "cache", "train"))
     p.add_argument("--history", default="", help="how the run was reached (earlier phases), for the card")
-    p.add_argument("--recalibrate", type=int, default=32, help="full-grid samples for BatchNorm statistics (0 = off)")
+    p.add_argument("--recalibrate", type=int, default=32,
+                   help="full-grid samples for BatchNorm statistics (0 = keep the run's own, as evaluated)")
     p.add_argument("--recalibrate-realism-p", type=float, default=0.0,
                    help="share of those samples passed through the radiograph simulator (default: plain DRRs)")
     p.add_argument("--real-like", help="folder of real-like simulated cases (scripts/make_real_like_set.py) to report")
@@ -160,6 +161,8 @@ def main():
         from KneeReconLib.models.quantize import quantize_ir
         print(f"wrote {quantize_ir(final, a.int8_calibration)}")
         rows = []
+        # score the int8 IR itself: on a CPU with native bf16 the runtime would otherwise pick bf16
+        openvino_backend.native_bf16 = lambda core=None: False
         for folder in a.cross_subject:
             name = os.path.basename(os.path.normpath(folder))
             r8 = evaluate_model(final, [folder], log=lambda m: None, backend="openvino")
@@ -194,7 +197,7 @@ rendered as DRRs, never real CT or real radiographs. Not validated on clinical r
   2-4 mm shifts and lateral-view height offsets{f"; the radiograph simulator (docs/realism.md) on {cfg['augment'].get('realism_p', 0):.0%} of the views" if cfg.get('augment', {}).get('realism_p') else ""}.
 - Loss: surface-weighted cross-entropy (w0 = {cfg['wce_w0']}, sigma = {cfg['wce_sigma_mm']} mm) + {cfg.get('dice_weight', 0)} x soft Dice;
   NGCC lambda = {cfg['ngcc_lambda']}. Crops: {cfg['crop']} (class-balanced centres){f", {cfg.get('slab_p', 0):.0%} of the steps on {cfg.get('slab_depth')} x 128 x 128 slabs spanning whole rays" if cfg.get('slab_p') else ""}.
-  {f"Weights: exponential moving average (decay {cfg.get('ema_decay')})." if cfg.get('ema_decay') else ""} BatchNorm statistics re-estimated on {a.recalibrate} full-grid inputs{" (plain DRRs, no simulator)" if not a.recalibrate_realism_p else ""}.
+  {f"Weights: exponential moving average (decay {cfg.get('ema_decay')})." if cfg.get('ema_decay') else ""} BatchNorm statistics re-estimated on {a.recalibrate or cfg.get('bn_recalibration', 0)} full-grid inputs{" (plain DRRs, no simulator)" if a.recalibrate and not a.recalibrate_realism_p else (" (at the end of training)" if not a.recalibrate else "")}.
 - Optimiser: AdamW, lr {cfg['lr']}, warm-up {cfg['warmup_steps']} steps then cosine; batch {cfg['batch_size']}.
 - Cost: {card['training_cost']['steps']} steps in {a.hours:.2f} h on {a.device_desc}. {a.history}
 
