@@ -366,7 +366,10 @@ def main(argv=None) -> int:
             with open(path, "rb") as f:
                 model["sha256"] = hashlib.sha256(f.read()).hexdigest()
         model["runtime"] = rows[0]["report_kneerecon"].get("precision")
-    cmdline = "OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python scripts/compare_diffdrr.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the command as it was run (thread count and niceness as they were, not as recommended)
+    prefix = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") \
+        + (f"nice -n {os.nice(0)} " if os.nice(0) else "")
+    cmdline = prefix + "python scripts/compare_diffdrr.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": cmdline.strip(),
                "diffdrr_version": info.get("diffdrr_version"), "torch_in_diffdrr_env": info.get("torch"),
                "renderer": a.renderer, "render_dtype": info.get("dtype"), "iso_pixel_mm": a.iso_pixel,
