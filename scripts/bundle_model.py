@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from unittest import mock
 
 import numpy as np
 
@@ -161,11 +162,11 @@ def main():
         from KneeReconLib.models.quantize import quantize_ir
         print(f"wrote {quantize_ir(final, a.int8_calibration)}")
         rows = []
-        # score the int8 IR itself: on a CPU with native bf16 the runtime would otherwise pick bf16
-        openvino_backend.native_bf16 = lambda core=None: False
         for folder in a.cross_subject:
             name = os.path.basename(os.path.normpath(folder))
-            r8 = evaluate_model(final, [folder], log=lambda m: None, backend="openvino")
+            # score the int8 IR itself: on a CPU with native bf16 the runtime would pick bf16
+            with mock.patch.object(openvino_backend, "native_bf16", return_value=False):
+                r8 = evaluate_model(final, [folder], log=lambda m: None, backend="openvino")
             rows.append(f"| {name}, int8 | " + " | ".join(f"{r8['summary'][f'dice_{n}']['mean']:.3f}" for n in BONE_NAMES) + " |")
             rows.append(f"| {name}, float | " + " | ".join(f"{cross[name]['summary'][f'dice_{n}']['mean']:.3f}" for n in BONE_NAMES) + " |")
         int8_md = ("## int8 network (CPUs without native bf16)\n\n`kneerecon_unet.int8.openvino.xml` is the float IR quantized "
