@@ -66,3 +66,35 @@ def test_patella_spread_widens_only_the_patella():
     for k in ("pat_h", "pat_w", "pat_height"):
         assert np.std([w[k] for w in wide]) > 1.8 * np.std([b[k] for b in base]), k
     assert all(w["cond_w"] == b["cond_w"] for w, b in zip(wide, base))  # the other bones are the same knees
+
+
+def _side_faces(ct: np.ndarray) -> np.ndarray:
+    return np.concatenate([ct[:, :, 0].ravel(), ct[:, :, -1].ravel(), ct[:, 0, :].ravel(), ct[:, -1, :].ravel()])
+
+
+def test_leg_is_never_cut_by_the_ct():
+    """A thick, flexed leg drawn with a small field: the CT widens until its side faces are air
+    (a radiograph's rays cross the whole leg), while the radiographs keep the drawn field."""
+    import KneeReconLib.data.dataset as ds
+    from KneeReconLib.data.phantom import imaging_field_mm
+
+    cfg = PhantomConfig(voxel_mm=2.0, fov_xy_mm=(130.0, 130.0), girth=(1.2, 1.2), flexion_deg=(28.0, 30.0))
+    pc = ds.phantom_case(3, 64, cfg)  # through the training-case path
+    ph = generate_phantom(3, cfg)
+    ct = sitk.GetArrayFromImage(ph.ct)
+    assert ph.params["ct_fov_xy_mm"] > 150.0 and ct.shape[1] * 2.0 == ph.params["ct_fov_xy_mm"]
+    assert _side_faces(ct).max() < -900, "soft tissue reaches the CT's side: the leg was cut"
+    assert (ct[:, ct.shape[1] // 2 + 40, :] > -200).any()  # the leg is there, beyond the drawn field
+    fov = imaging_field_mm(ph)
+    assert np.allclose(fov[:2], (130.0, 130.0)) and fov[0] < ph.params["ct_fov_xy_mm"]
+    size = (65, int(round(fov[2] / 2.0)))
+    case = ds.case_from_ct(ph.ct, ph.labels, 64, ds.DRRConfig(size=size))
+    assert case.ap.shape == pc.ap.shape == (size[1], 65) and np.allclose(pc.ap, case.ap, atol=1e-5)
+    # rays through the whole leg attenuate more than through the leg cut at the field's edge
+    cut = ct.copy()
+    m = (cut.shape[1] - 65) // 2
+    cut[:, :m, :], cut[:, -m:, :] = -1000, -1000
+    cut_img = sitk.GetImageFromArray(cut)
+    cut_img.CopyInformation(ph.ct)
+    cut_case = ds.case_from_ct(cut_img, ph.labels, 64, ds.DRRConfig(size=size))
+    assert (case.ap - cut_case.ap).mean() > 0.05 and np.array_equal(case.labels, cut_case.labels)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
 from KneeReconLib.data.dataset import GeometryConfig, case_from_ct, labels_on_grid, load_case, save_case  # noqa: E402
+from KneeReconLib.data.phantom import imaging_field_mm  # noqa: E402
 from KneeReconLib.data.llp26 import TEST_SUBJECTS, LLP26Config, generate_llp26_phantom  # noqa: E402
 from KneeReconLib.evaluation.evaluate import score_labels, summarize  # noqa: E402
 
@@ -52,7 +53,7 @@ def held_out_knees(poses: int, voxel: float, first_pose: int = 0):
 def knee_and_views(seed: int, cfg: LLP26Config, geo: GeometryConfig):
     """(phantom, AP DRR config, lateral DRR config, what the geometry drew) of one held-out knee."""
     ph = generate_llp26_phantom(seed, cfg)
-    da, dl, drawn = geo.sample(ph.ct, cfg.side, np.random.default_rng([seed, 11]))
+    da, dl, drawn = geo.sample(ph.ct, cfg.side, np.random.default_rng([seed, 11]), imaging_field_mm(ph))
     return ph, da, dl, drawn
 
 

@@ -23,7 +23,7 @@ import SimpleITK as sitk  # noqa: E402
 from KneeReconLib.core.errors import KneeReconError  # noqa: E402
 from KneeReconLib.core.labels import label_table  # noqa: E402
 from KneeReconLib.data.dataset import TEST_SEED0  # noqa: E402
-from KneeReconLib.data.phantom import PhantomConfig, generate_phantom  # noqa: E402
+from KneeReconLib.data.phantom import PhantomConfig, generate_phantom, imaging_field_mm  # noqa: E402
 from KneeReconLib.data.realism import RealismConfig, simulate_pair, write_dicom_xray, write_nrrd_xray  # noqa: E402
 from KneeReconLib.io.fileio import atomic_path, atomic_write_image, atomic_write_json  # noqa: E402
 
@@ -45,7 +45,7 @@ def make_case(folder: str, seed: int, fmt: str, pixel_spacing: float, voxel: flo
     ph = generate_phantom(seed, PhantomConfig(voxel_mm=voxel))
     side = ph.params["side"]
     rng = np.random.default_rng([seed, REALISM_STREAM])
-    sim = simulate_pair(ph.ct, ph.labels, side, rng, config, pixel_spacing)
+    sim = simulate_pair(ph.ct, ph.labels, side, rng, config, pixel_spacing, field_mm=imaging_field_mm(ph))
     os.makedirs(folder, exist_ok=True)
     ext = "dcm" if fmt == "dicom" else "nrrd"
     images, masks = {}, {}

@@ -25,7 +25,7 @@ from ..io.fileio import atomic_path
 from ..io.preprocessing import normalize_intensity
 from ..io.xray_io import XRay
 from .drr import DRRConfig, render_drr
-from .phantom import PhantomConfig, generate_phantom
+from .phantom import PhantomConfig, generate_phantom, imaging_field_mm
 
 # seeds: training draws from [0, 900000); validation from [900000, 1000000); the test set from
 # [1000000, ...). Keeping the ranges disjoint is what makes the test knees unseen.
@@ -81,9 +81,12 @@ class GeometryConfig:
     min_fov_mm: float = 90.0  # tightest collimation (height and width)
     bone_slope: tuple[float, float] = (0.9, 1.6)
 
-    def sample(self, ct: sitk.Image, side: str, rng: np.random.Generator) -> tuple[DRRConfig, DRRConfig, dict]:
-        """(AP config, lateral config, what was drawn) for one knee CT."""
-        ext = np.array(ct.GetSize()) * np.array(ct.GetSpacing())
+    def sample(self, ct: sitk.Image, side: str, rng: np.random.Generator,
+               field_mm: tuple[float, float, float] | None = None) -> tuple[DRRConfig, DRRConfig, dict]:
+        """(AP config, lateral config, what was drawn) for one knee CT; the uncollimated field is
+        `field_mm` (x, y, z extents about the isocentre; a phantom's `imaging_field_mm`) or the
+        CT's extent."""
+        ext = np.array(field_mm if field_mm is not None else np.array(ct.GetSize()) * np.array(ct.GetSpacing()), float)
         cone = rng.random() < self.cone_p
         slope = float(rng.uniform(*self.bone_slope))
         iso_px = float(rng.uniform(*self.iso_pixel_mm))
@@ -124,9 +127,13 @@ def phantom_case(seed: int, grid_size: int = 128, config: PhantomConfig | None =
     else:
         raise KneeReconError(f"unknown anatomy source {source!r}; use one of {', '.join(SOURCES)}")
     meta = {"source": source if source == "llp26" else "phantom", **ph.params}
+    fov = imaging_field_mm(ph)
     if geometry is None:
-        return case_from_ct(ph.ct, ph.labels, grid_size, meta=meta)
-    da, dl, drawn = geometry.sample(ph.ct, ph.params["side"], np.random.default_rng([seed, 11, SOURCES.index(source)]))
+        vox = ph.ct.GetSpacing()[0]
+        drr = DRRConfig(size=(int(round(fov[0] / vox)), int(round(fov[2] / vox))))
+        return case_from_ct(ph.ct, ph.labels, grid_size, drr, meta=meta)
+    da, dl, drawn = geometry.sample(ph.ct, ph.params["side"], np.random.default_rng([seed, 11, SOURCES.index(source)]),
+                                    fov)
     return case_from_ct(ph.ct, ph.labels, grid_size, da, {**meta, "geometry": drawn}, lateral_drr=dl)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..core.errors import KneeReconError
 from ..core.labels import BY_NAME
-from .phantom import Phantom, _ellipse2d, _largest_components, _rot, fill_ct, to_phantom
+from .phantom import LEG_MARGIN_MM, Phantom, _ellipse2d, _largest_components, _rot, ct_side_voxels, fill_ct, to_phantom
 
 ALLOWED_SUBJECTS = tuple(range(1, 21))  # 1-based; 21-26 are for independent evaluation only
 TEST_SUBJECTS = (5, 10, 15, 20)  # our own cross-subject test: never trained on
@@ -434,9 +434,20 @@ def generate_llp26_phantom(seed: int, config: LLP26Config | None = None, shape: 
     x_mid = gaussian_filter1d(x_mid, 15.0 / vox, mode="nearest")
     g = p["girth"]
     depth = 120.0 * g
+    rx = 58.0 * g
     ant = y_front - p["soft_anterior_mm"] * g
+    # the CT holds the whole leg (rays cross all of it); the radiograph field stays the drawn one
+    reach = max(np.abs(x_mid).max() + rx, np.abs(ant).max(), np.abs(ant + depth).max())
+    n_ct = ct_side_voxels(p["fov_xy_mm"], 2 * (reach + LEG_MARGIN_MM), vox)
+    if n_ct > nxy:
+        m = (n_ct - nxy) // 2
+        labels = np.pad(labels, ((0, 0), (m, m), (m, m)))
+        nxy, shape_zyx = n_ct, (nz, n_ct, n_ct)
+        origin = (origin[0] - m * vox, origin[1] - m * vox, origin[2])
+        ax_xy = origin[0] + np.arange(nxy) * vox
+    p["ct_fov_xy_mm"] = nxy * vox
     cy = (ant + depth / 2.0)[:, None, None]
-    d_leg = _ellipse2d(ax_xy[None, None, :] - x_mid[:, None, None], ax_xy[None, :, None] - cy, 58.0 * g, depth / 2.0)
+    d_leg = _ellipse2d(ax_xy[None, None, :] - x_mid[:, None, None], ax_xy[None, :, None] - cy, rx, depth / 2.0)
     d_leg = np.broadcast_to(d_leg, shape_zyx)
     ct = fill_ct(labels, d_leg, ax_z[:, None, None] - p["translation_mm"][2], p["scale"], p, vox)
     params = {**p, "shape": shape, "volumes_ml": {n: float((labels == BY_NAME[n].value).sum() * vox**3 / 1000)

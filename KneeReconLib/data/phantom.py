@@ -226,28 +226,26 @@ def _patella(x, y, z, p, s, ycc, zc):
     return _smooth_union(d, ridge, 3.0)
 
 
+LEG_MARGIN_MM = 8.0  # air kept between the skin and the CT's side faces
+
+
 def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
-    """One labelled knee CT phantom; identical output for identical (seed, config)."""
+    """One labelled knee CT phantom; identical output for identical (seed, config). The radiograph
+    field is the drawn `fov_xy_mm` (`imaging_field_mm`); the CT is that field or wider where the
+    leg needs it (`ct_fov_xy_mm`): a radiograph's rays always cross the whole leg, and a leg cut
+    flat at the CT's edge would be an artifact no real image shows."""
     config = config or PhantomConfig()
     p = sample_parameters(seed, config)
     s = p["scale"]
     vox = float(config.voxel_mm)
-    nxy = int(round(p["fov_xy_mm"] / vox))
+    nxy = ct_side_voxels(p["fov_xy_mm"], _field_covering_leg(p), vox)
+    p["ct_fov_xy_mm"] = nxy * vox
     nz = int(round(p["fov_z_mm"] / vox))
     ax_xy = ((np.arange(nxy) - (nxy - 1) / 2) * vox).astype(np.float32)
     ax_z = ((np.arange(nz) - (nz - 1) / 2) * vox).astype(np.float32)
     zw, yw, xw = np.meshgrid(ax_z, ax_xy, ax_xy, indexing="ij")  # world LPS, (k, j, i) order
-
-    # world -> knee frame (right-knee canonical), via pose and side mirroring
-    R = _rot(*np.radians(p["rotation_deg"])).astype(np.float32)
-    t = np.asarray(p["translation_mm"], np.float32)
-    px, py, pz = xw - t[0], yw - t[1], zw - t[2]
-    kx = R[0, 0] * px + R[1, 0] * py + R[2, 0] * pz
-    ky = R[0, 1] * px + R[1, 1] * py + R[2, 1] * pz
-    kz = R[0, 2] * px + R[1, 2] * py + R[2, 2] * pz
-    del px, py, pz, xw, yw, zw
-    if p["side"] == "left":
-        kx = -kx
+    kx, ky, kz = _to_knee_frame(xw, yw, zw, p)
+    del xw, yw, zw
 
     wrng = np.random.default_rng(p["warp_seed"])
     warps = [_Warp(wrng, a) for a in p["warp_mm"]]
@@ -256,18 +254,12 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
     d_fem, (ycc, zc, rc) = _femur(fx, fy, fz, p, s)
     del fx, fy, fz
 
-    def flexed(angle_deg):  # knee frame -> frame rotated back about the condylar axis
-        a = np.radians(angle_deg)
-        c, sn = np.float32(np.cos(a)), np.float32(np.sin(a))
-        yy, zz = ky - ycc, kz - zc
-        return kx, c * yy + sn * zz + ycc, -sn * yy + c * zz + zc
-
-    tx, ty, tz = flexed(p["flexion_deg"])
+    tx, ty, tz = _flexed(kx, ky, kz, ycc, zc, p["flexion_deg"])
     wx, wy, wz = warps[1](tx, ty, tz)
     d_tib, (ytp, pw, pd) = _tibia(wx, wy, wz, p, s)
     wx, wy, wz = warps[2](tx, ty, tz)
     d_fib = _fibula(wx, wy, wz, p, s, ytp, pw, pd)
-    px_, py_, pz_ = flexed(p["patella_rotation_deg"])
+    px_, py_, pz_ = _flexed(kx, ky, kz, ycc, zc, p["patella_rotation_deg"])
     wx, wy, wz = warps[3](px_, py_, pz_)
     d_pat = _patella(wx, wy, wz, p, s, ycc, zc)
     del wx, wy, wz, px_, py_, pz_
@@ -284,22 +276,83 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
     labels[pat] = BY_NAME["patella"].value
     labels = _largest_components(labels)
 
-    # soft tissue: thigh in the femur frame, calf in the tibia frame, blended at the joint
-    g = p["girth"]
-    pat_front = float(ycc - 37 * s - 4.0 - 21.0 * s * p["shape"]["pat_t"])
-    ant = pat_front - 8.0 * g
-    def leg(xx, yy, zz, rx, ry_post):
-        cy = (ant + ry_post) / 2
-        return _ellipse2d(xx, yy - cy, rx, (ry_post - ant) / 2)
-    thigh = np.maximum(leg(kx, ky, kz, 60 * g, 62 * g), zc - 40.0 - kz)  # overlap: no seam
-    calf_post = 66 * g + 10 * g * np.exp(-(((tz + 90) / 60.0) ** 2))
-    calf = np.maximum(leg(tx, ty, tz, 55 * g, calf_post), tz - zc - 10.0)
-    d_leg = _smooth_union(thigh, calf, 15.0)
+    d_leg = _leg(kx, ky, kz, tx, ty, tz, p, ycc, zc)
     del kx, ky, kz, tx, ty, tz
 
-    ct = fill_ct(labels, d_leg, ax_z[:, None, None] - t[2], s, p, vox)
+    ct = fill_ct(labels, d_leg, ax_z[:, None, None] - p["translation_mm"][2], s, p, vox)
     origin = (float(ax_xy[0]), float(ax_xy[0]), float(ax_z[0]))
     return to_phantom(ct, labels, origin, vox, p)
+
+
+def _to_knee_frame(xw, yw, zw, p: dict):
+    """World LPS coordinates -> the right-knee-canonical knee frame (pose, then side mirroring)."""
+    R = _rot(*np.radians(p["rotation_deg"])).astype(np.float32)
+    t = np.asarray(p["translation_mm"], np.float32)
+    px, py, pz = xw - t[0], yw - t[1], zw - t[2]
+    kx = R[0, 0] * px + R[1, 0] * py + R[2, 0] * pz
+    ky = R[0, 1] * px + R[1, 1] * py + R[2, 1] * pz
+    kz = R[0, 2] * px + R[1, 2] * py + R[2, 2] * pz
+    return (-kx if p["side"] == "left" else kx), ky, kz
+
+
+def _flexed(kx, ky, kz, ycc, zc, angle_deg):
+    """Knee frame -> the frame rotated back by `angle_deg` about the condylar axis (y=ycc, z=zc)."""
+    a = np.radians(angle_deg)
+    c, sn = np.float32(np.cos(a)), np.float32(np.sin(a))
+    yy, zz = ky - ycc, kz - zc
+    return kx, c * yy + sn * zz + ycc, -sn * yy + c * zz + zc
+
+
+def _leg(kx, ky, kz, tx, ty, tz, p: dict, ycc, zc):
+    """Soft tissue's signed distance (mm, < 0 inside): thigh in the femur frame, calf in the tibia
+    frame (t*), blended at the joint."""
+    g, s = p["girth"], p["scale"]
+    pat_front = float(ycc - 37 * s - 4.0 - 21.0 * s * p["shape"]["pat_t"])
+    ant = pat_front - 8.0 * g
+
+    def leg(xx, yy, rx, ry_post):
+        cy = (ant + ry_post) / 2
+        return _ellipse2d(xx, yy - cy, rx, (ry_post - ant) / 2)
+    thigh = np.maximum(leg(kx, ky, 60 * g, 62 * g), zc - 40.0 - kz)  # overlap: no seam
+    calf_post = 66 * g + 10 * g * np.exp(-(((tz + 90) / 60.0) ** 2))
+    calf = np.maximum(leg(tx, ty, 55 * g, calf_post), tz - zc - 10.0)
+    return _smooth_union(thigh, calf, 15.0)
+
+
+def _field_covering_leg(p: dict, step_mm: float = 2.0, half_max_mm: float = 200.0) -> float:
+    """The smallest square field (mm, centred on the isocentre) that holds the whole leg of the
+    knee `p` over its CT height with LEG_MARGIN_MM of air on each side, from the leg evaluated on
+    a coarse grid (the femur's condylar constants from a one-point evaluation)."""
+    _, (ycc, zc, _) = _femur(*(np.zeros(1, np.float32),) * 3, p, p["scale"])
+    ax = np.arange(-half_max_mm, half_max_mm + step_mm / 2, step_mm, dtype=np.float32)
+    az = np.arange(-p["fov_z_mm"] / 2, p["fov_z_mm"] / 2 + step_mm / 2, step_mm, dtype=np.float32)
+    zw, yw, xw = np.meshgrid(az, ax, ax, indexing="ij")
+    kx, ky, kz = _to_knee_frame(xw, yw, zw, p)
+    tx, ty, tz = _flexed(kx, ky, kz, ycc, zc, p["flexion_deg"])
+    inside = (_leg(kx, ky, kz, tx, ty, tz, p, ycc, zc) < 0).any(axis=0)  # [y, x]
+    ys, xs = np.nonzero(inside)
+    reach = max(np.abs(ax[ys]).max(), np.abs(ax[xs]).max()) + step_mm
+    return float(2 * (reach + LEG_MARGIN_MM))
+
+
+def ct_side_voxels(field_mm: float, leg_mm: float, vox: float) -> int:
+    """Voxels along the CT's square side: the radiograph field, widened to hold the leg by the
+    same number of voxels on each side, so the field's pixels stay on voxel centres."""
+    n = int(round(field_mm / vox))
+    extra = max(0, int(np.ceil((leg_mm / vox - n) / 2)))
+    return n + 2 * extra
+
+
+def imaging_field_mm(phantom: Phantom) -> tuple[float, float, float]:
+    """(x, y, z) extent in mm of the radiograph field the phantom was drawn with, centred on the
+    isocentre; the CT may be wider (it holds the whole leg). Older phantoms: the CT's extent."""
+    p, sp = phantom.params, phantom.ct.GetSpacing()
+    n = phantom.ct.GetSize()
+    ext = [n[a] * sp[a] for a in range(3)]
+    if "fov_xy_mm" in p and "fov_z_mm" in p:
+        nxy, nz = int(round(p["fov_xy_mm"] / sp[0])), int(round(p["fov_z_mm"] / sp[2]))
+        ext = [min(ext[0], nxy * sp[0]), min(ext[1], nxy * sp[1]), min(ext[2], nz * sp[2])]
+    return tuple(float(e) for e in ext)
 
 
 def to_phantom(ct: np.ndarray, labels: np.ndarray, origin, vox: float, params: dict) -> Phantom:

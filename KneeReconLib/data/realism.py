@@ -373,9 +373,10 @@ def bone_masks(labels: sitk.Image, view: ViewGeometry, height_offset_mm: float =
 def simulate_pair(ct: sitk.Image, labels: sitk.Image, side: str, rng: np.random.Generator,
                   config: RealismConfig | None = None, pixel_spacing_mm: float = 0.5, *,
                   rotation_deg: tuple[float, float, float] | None = None, height_offset_mm: float | None = None,
-                  masks: bool = True) -> dict:
+                  masks: bool = True, field_mm: tuple[float, float, float] | None = None) -> dict:
     """A positioned, simulated AP/lateral pair of a labelled knee-frame CT (HU, identity
-    direction, isocentre at the origin), parallel beam per DESIGN.md.
+    direction, isocentre at the origin), parallel beam per DESIGN.md; the images cover `field_mm`
+    (x, y, z about the isocentre; x and y equal, a phantom's `imaging_field_mm`) or the CT.
 
     The knee (CT and labels) is rotated about the isocentre by `rotation_deg` (drawn from
     config.rotation_deg unless given) before projection; the lateral image's content is then
@@ -406,7 +407,9 @@ def simulate_pair(ct: sitk.Image, labels: sitk.Image, side: str, rng: np.random.
         ct_r, lab_r = rotate_about_isocentre(ct, rot), rotate_about_isocentre(labels, rot, label=True)
     else:
         ct_r, lab_r = ct, sitk.Cast(labels, sitk.sitkUInt8)
-    views = render_drr(ct_r, DRRConfig(pixel_spacing=float(pixel_spacing_mm), side=side))
+    size = None if field_mm is None else (int(round(field_mm[0] / pixel_spacing_mm)),
+                                          int(round(field_mm[2] / pixel_spacing_mm)))
+    views = render_drr(ct_r, DRRConfig(pixel_spacing=float(pixel_spacing_mm), size=size, side=side))
     (l_ap, g_ap), (l_lat, g_lat) = views["ap"], views["lateral"]
     if dz:
         l_lat = shift_content_up(l_lat, dz, g_lat.iso_spacing[1])
