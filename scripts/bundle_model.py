@@ -3,8 +3,12 @@ write Resources/Models/kneerecon_unet.pt (fp16, card inside), its converted netw
 (kneerecon_unet.openvino.xml/.bin, which records the .pt's SHA-256: reconstruction without PyTorch
 runs from it) and MODEL_CARD.md. Needs PyTorch and openvino (requirements-test.txt).
 
-    python scripts/bundle_model.py RUN_DIR --test cache/test_proc --cross-subject cache/xs_parallel cache/xs_cone \
-        --baseline xs_parallel=docs/mean_shape_baseline_parallel.json [--hours H --device-desc "..."]
+    python scripts/bundle_model.py RUN_DIR --test cache/test_proc_v2 --cross-subject cache/xs2_parallel cache/xs2_cone \
+        --baseline xs2_parallel=docs/mean_shape_baseline_parallel.json,xs2_cone=docs/mean_shape_baseline_cone.json \
+        [--hours H --device-desc "..."]
+
+(the test sets with whole legs, built 2026-12-03 on: docs/leg_field.json; the mean-shape baseline
+is the same on the old and the rebuilt sets, whose bones, poses and grids are identical)
 
 To re-export only the converted network of an already bundled model (e.g. after changing the
 conversion), `kneerecon export-openvino` does the same as the end of this script."""
@@ -45,9 +49,9 @@ def _cross_subject_md(cross: dict) -> str:
     return ("## Cross-subject test: people the model never saw (the headline)\n\n"
             "Knees built from LLP26 subjects 5, 10, 15 and 20 (held out of training and of the shape statistics), "
             "exact shapes and sizes, 6 poses each (left and right alternating, flexion 0-40 degrees), rendered in "
-            "parallel and in cone beam (`python scripts/cross_subject.py build --out cache/xs --poses 6`, "
-            "`kneerecon evaluate --data cache/xs_parallel`). Mean-shape baseline: the 16 training people's mean shape "
-            "placed at each knee's true pose (`python scripts/cross_subject.py baseline --data cache/xs_parallel`).\n\n"
+            "parallel and in cone beam, the CT holding the whole leg (`python scripts/cross_subject.py build --out cache/xs2 --poses 6`, "
+            "`kneerecon evaluate --data cache/xs2_parallel`). Mean-shape baseline: the 16 training people's mean shape "
+            "placed at each knee's true pose (`python scripts/cross_subject.py baseline --data cache/xs2_parallel`).\n\n"
             + "\n".join(rows) + "\n\n")
 
 

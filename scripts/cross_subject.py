@@ -3,11 +3,13 @@ trained on, not in the shape statistics), several poses each, left and right, in
 cone beam; and the mean-shape baseline on the same cases (the training subjects' mean shape
 placed at each knee's true pose, scored like a reconstruction).
 
-  python scripts/cross_subject.py build --out cache/xs --poses 6       # cache/xs_parallel, cache/xs_cone
-  kneerecon evaluate --data cache/xs_parallel                            # the network
-  python scripts/cross_subject.py baseline --data cache/xs_parallel      # the mean-shape baseline
-  python scripts/cross_subject.py files --out cache/xsf --poses 2        # X-ray files + 0.75 mm truth
-  kneerecon evaluate --case-dirs cache/xsf/*                              # through files, by physical coordinates
+  python scripts/cross_subject.py build --out cache/xs2 --poses 6      # cache/xs2_parallel, cache/xs2_cone
+  kneerecon evaluate --data cache/xs2_parallel                           # the network
+  python scripts/cross_subject.py baseline --data cache/xs2_parallel     # the mean-shape baseline
+  python scripts/cross_subject.py files --out cache/xsf_v2 --poses 2     # X-ray files + 0.75 mm truth
+  kneerecon evaluate --case-dirs cache/xsf_v2/*                           # through files, by physical coordinates
+
+(cache/xs_* and cache/xsf: the same knees built before 2026-12-03, their legs cut at the CT's faces.)
 """
 from __future__ import annotations
 
