@@ -31,7 +31,9 @@ def _check_anatomy(ph):
     inner = binary_erosion(bone, iterations=4)
     shell = bone & ~binary_erosion(bone, iterations=1)
     assert np.median(ct[shell]) > np.median(ct[inner]) + 300
-    assert (ct < -900).any() and (np.abs(ct[~bone] - 40) < 30).mean() > 0.2
+    # air around the leg; inside the leg, mostly muscle (the CT may be far wider than the leg needs)
+    soft = ~bone & (ct > -900)
+    assert (ct < -900).any() and (np.abs(ct[soft] - 40) < 30).mean() > 0.5
 
 
 def test_right_and_left_knee_anatomy(phantom_right, phantom_left):
