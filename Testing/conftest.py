@@ -61,11 +61,10 @@ def straight_pair(tmp_path_factory):
     bones, no PCA shape), parallel-beam DRRs of a field STRAIGHT_FIELD_MM tall about the isocentre
     (the shortest fields of the training caches), as NRRD files: the kind of pair whose lateral the
     view classifier scores AP-like."""
-    from dataclasses import replace
-
     pytest.importorskip("musculoskeletal.models")
     from KneeReconLib.data.drr import DRRConfig, render_drr
     from KneeReconLib.data.llp26 import LLP26Config, generate_llp26_phantom
+    from KneeReconLib.data.phantom import imaging_field_mm
     from KneeReconLib.geometry.frame import to_knee_frame
     from KneeReconLib.io.xray_io import write_xray
 
@@ -74,12 +73,24 @@ def straight_pair(tmp_path_factory):
                                                            flexion_deg=(0.0, 3.0), side="right"))
     ct, _ = to_knee_frame(ph.ct, ph.labels)
     for view, (img, geom) in render_drr(ct, DRRConfig(pixel_spacing=0.8, side="right")).items():
-        h = int(round(STRAIGHT_FIELD_MM / geom.iso_spacing[1]))
-        assert h < geom.height
-        r0 = (geom.height - h) // 2
-        h = geom.height - 2 * r0  # cropped symmetrically: the image centre stays on the isocentre
-        write_xray(np.ascontiguousarray(img[r0:r0 + h]), replace(geom, height=h), str(d / f"{view}.nrrd"))
+        img, geom = crop_to_field(img, geom, imaging_field_mm(ph)[0], STRAIGHT_FIELD_MM)
+        write_xray(img, geom, str(d / f"{view}.nrrd"))
     return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
+
+
+def crop_to_field(img: np.ndarray, geom, width_mm: float, height_mm: float | None = None):
+    """A DRR of a whole phantom CT (as wide as the leg) cropped to a radiograph field about the
+    isocentre, symmetrically, so the image centre stays on it: (pixels, geometry)."""
+    from dataclasses import replace
+
+    out = {}
+    for key, mm, n, sp in (("width", width_mm, geom.width, geom.iso_spacing[0]),
+                           ("height", height_mm, geom.height, geom.iso_spacing[1])):
+        k = n if mm is None else min(n, int(round(mm / sp)))
+        r0 = (n - k) // 2
+        out[key] = (r0, n - 2 * r0)
+    (c0, w), (r0, h) = out["width"], out["height"]
+    return np.ascontiguousarray(img[r0:r0 + h, c0:c0 + w]), replace(geom, width=w, height=h)
 
 
 @pytest.fixture(scope="session")

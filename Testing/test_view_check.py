@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, crop_to_field
 from KneeReconLib.cli import main
 from KneeReconLib.core.errors import KneeReconError
 from KneeReconLib.io.view_check import OPINION_BAND, assess_views, check_views, side_warnings
@@ -27,14 +27,14 @@ LAT = os.path.join(SAMPLE, "lateral.nrrd")
 def phantom_pair(tmp_path_factory):
     """A fresh procedural knee (a seed no training used), parallel-beam DRRs as NRRD files."""
     from KneeReconLib.data.drr import DRRConfig, render_drr
-    from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
+    from KneeReconLib.data.phantom import PhantomConfig, generate_phantom, imaging_field_mm
     from KneeReconLib.geometry.frame import to_knee_frame
 
     d = tmp_path_factory.mktemp("fresh")
     ph = generate_phantom(7_777_001, PhantomConfig(side="left"))
     ct, _ = to_knee_frame(ph.ct, ph.labels)
     for view, (img, geom) in render_drr(ct, DRRConfig(pixel_spacing=0.8, side="left")).items():
-        write_xray(img, geom, str(d / f"{view}.nrrd"))
+        write_xray(*crop_to_field(img, geom, imaging_field_mm(ph)[0]), str(d / f"{view}.nrrd"))
     return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
 
 
