@@ -5,7 +5,7 @@ packages below and the order in which they may import each other: docs/architect
 
 from .core.errors import KneeReconError
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 
 def reconstruct(*args, **kwargs):

@@ -354,7 +354,7 @@ def cmd_evaluate(a) -> int:
 
 
 def version_text() -> str:
-    """'kneerecon 0.6.0 (bundled model: KneeRecon U-Net 0.6.0)', read without PyTorch."""
+    """'kneerecon 0.7.0 (bundled model: KneeRecon U-Net 0.7.0)', read without PyTorch."""
     from . import __version__
     from .io import resources
     from .models.model_card import describe, read_card

@@ -118,7 +118,7 @@ def test_dependencies_version_and_licence():
     proj = _pyproject()["project"]
     assert proj["dynamic"] == ["version"] and "version" not in proj
     assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "KneeReconLib.__version__"}
-    assert KneeReconLib.__version__ == "0.6.0"
+    assert KneeReconLib.__version__ == "0.7.0"
     assert proj["license"] == "Apache-2.0" and "license-files" not in proj  # SPDX expression (setuptools >= 77)
     runtime = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in proj["dependencies"]}
     assert not runtime & {"torch", "scikit-image", "scipy"} and "openvino" in runtime
