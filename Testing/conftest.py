@@ -78,6 +78,11 @@ def straight_pair(tmp_path_factory):
     return str(d / "ap.nrrd"), str(d / "lateral.nrrd")
 
 
+def ct_side_faces(ct: np.ndarray) -> np.ndarray:
+    """The voxels of a CT array's four side faces (x and y), where a whole leg leaves only air."""
+    return np.concatenate([ct[:, :, 0].ravel(), ct[:, :, -1].ravel(), ct[:, 0, :].ravel(), ct[:, -1, :].ravel()])
+
+
 def crop_to_field(img: np.ndarray, geom, width_mm: float, height_mm: float | None = None):
     """A DRR of a whole phantom CT (as wide as the leg) cropped to a radiograph field about the
     isocentre, symmetrically, so the image centre stays on it: (pixels, geometry)."""

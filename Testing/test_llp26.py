@@ -6,6 +6,7 @@ import SimpleITK as sitk
 pytest.importorskip("musculoskeletal.models")
 pytest.importorskip("gias3.fieldwork")
 
+from conftest import ct_side_faces  # noqa: E402
 from KneeReconLib.core.errors import KneeReconError  # noqa: E402
 from KneeReconLib.data.llp26 import (TEST_SUBJECTS, TRAIN_SUBJECTS, LLP26Config, check_subjects, generate_llp26_phantom,  # noqa: E402
                                      training_pca)
@@ -63,8 +64,7 @@ def test_llp26_knee_anatomy(knees, side):
     # the CT holds the whole leg (its side faces are air) and is centred on the isocentre; the
     # radiograph field is the drawn one, within it
     ct = sitk.GetArrayFromImage(ph.ct)
-    faces = np.concatenate([ct[:, :, 0].ravel(), ct[:, :, -1].ravel(), ct[:, 0, :].ravel(), ct[:, -1, :].ravel()])
-    assert faces.max() < -900, "soft tissue reaches the CT's side: the leg was cut"
+    assert ct_side_faces(ct).max() < -900, "soft tissue reaches the CT's side: the leg was cut"
     assert np.allclose(ph.ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ph.ct.GetSize()])[:2], 0.0)
     from KneeReconLib.data.phantom import imaging_field_mm
     fov = imaging_field_mm(ph)

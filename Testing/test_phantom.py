@@ -1,7 +1,7 @@
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import centroid
+from conftest import centroid, ct_side_faces
 from KneeReconLib.core.labels import BY_NAME
 from KneeReconLib.data.phantom import PhantomConfig, generate_phantom
 
@@ -70,10 +70,6 @@ def test_patella_spread_widens_only_the_patella():
     assert all(w["cond_w"] == b["cond_w"] for w, b in zip(wide, base))  # the other bones are the same knees
 
 
-def _side_faces(ct: np.ndarray) -> np.ndarray:
-    return np.concatenate([ct[:, :, 0].ravel(), ct[:, :, -1].ravel(), ct[:, 0, :].ravel(), ct[:, -1, :].ravel()])
-
-
 def test_leg_is_never_cut_by_the_ct():
     """A thick, flexed leg drawn with a small field: the CT widens until its side faces are air
     (a radiograph's rays cross the whole leg), while the radiographs keep the drawn field."""
@@ -85,7 +81,7 @@ def test_leg_is_never_cut_by_the_ct():
     ph = generate_phantom(3, cfg)
     ct = sitk.GetArrayFromImage(ph.ct)
     assert ph.params["ct_fov_xy_mm"] > 150.0 and ct.shape[1] * 2.0 == ph.params["ct_fov_xy_mm"]
-    assert _side_faces(ct).max() < -900, "soft tissue reaches the CT's side: the leg was cut"
+    assert ct_side_faces(ct).max() < -900, "soft tissue reaches the CT's side: the leg was cut"
     assert (ct[:, ct.shape[1] // 2 + 40, :] > -200).any()  # the leg is there, beyond the drawn field
     fov = imaging_field_mm(ph)
     assert np.allclose(fov[:2], (130.0, 130.0)) and fov[0] < ph.params["ct_fov_xy_mm"]

@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from KneeReconLib.core.labels import BONE_NAMES  # noqa: E402
 from KneeReconLib.data.dataset import GeometryConfig, case_from_ct, labels_on_grid, load_case, save_case  # noqa: E402
-from KneeReconLib.data.phantom import imaging_field_mm  # noqa: E402
 from KneeReconLib.data.llp26 import TEST_SUBJECTS, LLP26Config, generate_llp26_phantom  # noqa: E402
+from KneeReconLib.data.phantom import imaging_field_mm  # noqa: E402
 from KneeReconLib.evaluation.evaluate import score_labels, summarize  # noqa: E402
 
 SEED0 = 3_000_000  # seeds of the cross-subject cases: seed = SEED0 + 1000 * subject + pose

@@ -324,12 +324,16 @@ def _field_covering_leg(p: dict, step_mm: float = 2.0, half_max_mm: float = 200.
     knee `p` over its CT height with LEG_MARGIN_MM of air on each side, from the leg evaluated on
     a coarse grid (the femur's condylar constants from a one-point evaluation)."""
     _, (ycc, zc, _) = _femur(*(np.zeros(1, np.float32),) * 3, p, p["scale"])
-    ax = np.arange(-half_max_mm, half_max_mm + step_mm / 2, step_mm, dtype=np.float32)
     az = np.arange(-p["fov_z_mm"] / 2, p["fov_z_mm"] / 2 + step_mm / 2, step_mm, dtype=np.float32)
-    zw, yw, xw = np.meshgrid(az, ax, ax, indexing="ij")
-    kx, ky, kz = _to_knee_frame(xw, yw, zw, p)
-    tx, ty, tz = _flexed(kx, ky, kz, ycc, zc, p["flexion_deg"])
-    inside = (_leg(kx, ky, kz, tx, ty, tz, p, ycc, zc) < 0).any(axis=0)  # [y, x]
+    while True:  # widen the coarse grid until the leg no longer reaches its border
+        ax = np.arange(-half_max_mm, half_max_mm + step_mm / 2, step_mm, dtype=np.float32)
+        zw, yw, xw = np.meshgrid(az, ax, ax, indexing="ij")
+        kx, ky, kz = _to_knee_frame(xw, yw, zw, p)
+        tx, ty, tz = _flexed(kx, ky, kz, ycc, zc, p["flexion_deg"])
+        inside = (_leg(kx, ky, kz, tx, ty, tz, p, ycc, zc) < 0).any(axis=0)  # [y, x]
+        if not (inside[0].any() or inside[-1].any() or inside[:, 0].any() or inside[:, -1].any()):
+            break
+        half_max_mm *= 1.5
     ys, xs = np.nonzero(inside)
     reach = max(np.abs(ax[ys]).max(), np.abs(ax[xs]).max()) + step_mm
     return float(2 * (reach + LEG_MARGIN_MM))
